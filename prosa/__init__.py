@@ -1,0 +1,14 @@
+"""prosa: local text generation with GPT-style models.
+
+    >>> import prosa
+    >>> lm = prosa.load()                      # the bundled SmolLM2-135M-Instruct, or a folder / Hub id / .gguf
+    >>> print(lm.generate("A story about a man and a dog", max_new_tokens=40, seed=0).text)
+"""
+from .errors import CorruptModelError, ModelNotFoundError, ProsaError, UnsupportedModelError
+from .generate import GenerationResult
+from .language_model import LanguageModel
+from .loader import load
+
+__version__ = "0.1.0"
+__all__ = ["load", "LanguageModel", "GenerationResult", "ProsaError", "ModelNotFoundError",
+           "UnsupportedModelError", "CorruptModelError"]

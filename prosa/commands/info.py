@@ -1,0 +1,57 @@
+"""``prosa info [MODEL]``: architecture, size, context length, dtype and memory, without reading the weights."""
+from __future__ import annotations
+
+import argparse
+from collections import Counter
+
+from . import add_model_options
+
+_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+
+
+def _size(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if n < 1024 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+
+
+def register(sub) -> None:
+    p = sub.add_parser("info", help="describe a model without loading its weights", description=__doc__)
+    add_model_options(p, positional=True)
+    p.set_defaults(run=run, subparser=p)
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from ..loader import build_model, open_checkpoint, resolve_device, resolve_dtype
+
+    ck = open_checkpoint(args.model, args.revision)
+    cfg = ck.config
+    model = build_model(cfg)   # on the meta device: shapes only
+    params = sum({id(p): p.numel() for p in model.parameters()}.values())
+    stored = cfg.get("torch_dtype") or cfg.get("dtype") or "float32"
+    if ck.gguf is not None:
+        types = Counter(ck.gguf.tensor_types().values())
+        stored = "GGUF " + ", ".join(f"{t} x{n}" for t, n in types.most_common())
+    run_dtype = resolve_dtype(args.dtype, None if ck.gguf is not None else cfg.get("torch_dtype") or cfg.get("dtype"),
+                              resolve_device(args.device))
+    run_name = str(run_dtype).replace("torch.", "")
+    rows = [
+        ("model", ck.source),
+        ("path", str(ck.path)),
+        ("architecture", f"{cfg.get('model_type')} ({type(model).__module__.rsplit('.', 1)[-1]}.py)"),
+        ("parameters", f"{params:,} ({params / 1e6:.1f}M)"),
+        ("layers", str(getattr(model.args, "num_hidden_layers", None) or getattr(model.args, "n_layer", None)
+                       or getattr(model.args, "num_layers", "?"))),
+        ("context length", f"{model.context_length} tokens"),
+        ("stored as", f"{ck.fmt}, {stored}"),
+        ("runs as", f"{run_name} ({_size(params * _BYTES[run_name])} of weights)"),
+        ("memory by dtype", ", ".join(f"{d} {_size(params * b)}" for d, b in _BYTES.items() if d != "float16")),
+    ]
+    width = max(len(k) for k, _ in rows)
+    for k, v in rows:
+        print(f"{k:<{width}}  {v}")
+    del torch
+    return 0

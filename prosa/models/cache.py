@@ -1,0 +1,107 @@
+"""The key/value cache: per-layer K/V buffers plus which slots hold real (non-padding) tokens.
+
+Every sequence of a batch shares the slot index (a prompt shorter than the others is left-padded), so one
+``offset`` describes the whole batch. Buffers grow in chunks of ``step`` slots, so decoding does not
+reallocate every token; a later static cache can be swapped in behind the same three calls a model makes:
+``begin`` (once per forward), ``update`` (once per layer) and ``mask`` (once per distinct window).
+"""
+from __future__ import annotations
+
+import torch
+
+
+class KVCache:
+    """K/V cache for ``num_layers`` layers and ``batch_size`` sequences.
+
+    Args:
+        num_layers: layers of the model.
+        batch_size: sequences decoded together.
+        step: slots added each time the buffers grow.
+    """
+
+    def __init__(self, num_layers: int, batch_size: int, step: int = 256):
+        self.num_layers, self.batch_size, self.step = num_layers, batch_size, step
+        self.keys: list[torch.Tensor | None] = [None] * num_layers    # each (B, H_kv, capacity, D)
+        self.values: list[torch.Tensor | None] = [None] * num_layers
+        self.offset = 0            # slots used, the same for every sequence (padding included)
+        self.valid: torch.Tensor | None = None    # (B, capacity) bool: slot holds a real token
+        self.lengths: torch.Tensor | None = None  # (B,) real tokens so far = position of the next token
+        self._start = 0            # first slot written by the forward in progress
+        self._masks: dict = {}
+        self._padded = False       # some slot so far is padding
+
+    # -- called by the model ---------------------------------------------------------------------------
+    def begin(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Reserve slots for the new tokens and return their positions.
+
+        Args:
+            input_ids: (B, T) new tokens.
+            attention_mask: (B, T), 1 for real tokens and 0 for padding; None means all real.
+        Returns:
+            positions (B, T) long: each sequence's count of real tokens before the token (pads get 0).
+        """
+        b, t = input_ids.shape
+        device = input_ids.device
+        if self.valid is None:
+            self.valid = torch.zeros(b, 0, dtype=torch.bool, device=device)
+            self.lengths = torch.zeros(b, dtype=torch.long, device=device)
+        real = (torch.ones(b, t, dtype=torch.bool, device=device) if attention_mask is None
+                else attention_mask.to(device=device, dtype=torch.bool))
+        self._start = self.offset
+        self.offset += t
+        if self.offset > self.valid.shape[1]:
+            grow = -(-(self.offset - self.valid.shape[1]) // self.step) * self.step
+            self.valid = torch.cat([self.valid, self.valid.new_zeros(b, grow)], dim=1)
+        self.valid[:, self._start:self.offset] = real
+        positions = (self.lengths[:, None] + real.cumsum(1) - 1).clamp_min(0)
+        self.lengths = self.lengths + real.sum(1)
+        self._padded = self._padded or attention_mask is not None and not bool(real.all())
+        self._masks = {}
+        return positions
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store the new keys/values of ``layer`` and return all of them so far.
+
+        Args:
+            k, v: (B, H_kv, T, D) for the tokens of the current forward.
+        Returns:
+            keys, values: (B, H_kv, offset, D) views of the buffers.
+        """
+        buf_k, buf_v = self.keys[layer], self.values[layer]
+        if buf_k is None or self.offset > buf_k.shape[2]:
+            cap = self.valid.shape[1]
+            new_k = k.new_empty(k.shape[0], k.shape[1], cap, k.shape[3])
+            new_v = v.new_empty(v.shape[0], v.shape[1], cap, v.shape[3])
+            if buf_k is not None:
+                new_k[:, :, :self._start] = buf_k[:, :, :self._start]
+                new_v[:, :, :self._start] = buf_v[:, :, :self._start]
+            self.keys[layer], self.values[layer] = buf_k, buf_v = new_k, new_v
+        buf_k[:, :, self._start:self.offset] = k
+        buf_v[:, :, self._start:self.offset] = v
+        return buf_k[:, :, :self.offset], buf_v[:, :, :self.offset]
+
+    def mask(self, window: int | None = None) -> torch.Tensor | None:
+        """Attention mask for the current forward, (B, 1, T, offset) bool, or None when every key is allowed.
+
+        Query ``i`` (slot ``start + i``) may see slot ``j`` when ``j`` holds a real token, ``j <= start + i``
+        and, with a sliding ``window``, ``start + i - j < window``. A padding query also sees itself, so that
+        no row is empty (an empty row would make softmax NaN).
+        """
+        if window is not None and window >= self.offset:
+            window = None
+        if window in self._masks:
+            return self._masks[window]
+        t = self.offset - self._start
+        if t == 1 and window is None and not self._padded:
+            mask = None
+        else:
+            device = self.valid.device
+            q = torch.arange(self._start, self.offset, device=device)[:, None]  # (T, 1)
+            j = torch.arange(self.offset, device=device)[None, :]                # (1, S)
+            allowed = j <= q
+            if window is not None:
+                allowed = allowed & (q - j < window)
+            mask = (allowed[None] & self.valid[:, None, :self.offset]) | (j == q)[None]
+            mask = mask[:, None]   # (B, 1, T, S)
+        self._masks[window] = mask
+        return mask
