@@ -100,9 +100,12 @@ def make_checkpoint(name: str, path: Path, *, safe_serialization: bool = True,
                                              initializer_range=0.1, **kwargs)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
-    kw = {"safe_serialization": safe_serialization}
-    if max_shard_size:
-        kw["max_shard_size"] = max_shard_size
-    model.save_pretrained(path, **kw)
+    model.save_pretrained(path, **({"max_shard_size": max_shard_size} if max_shard_size else {}))
+    if not safe_serialization:
+        # transformers 5 only writes safetensors; a pytorch_model.bin is a torch.save'd state dict.
+        from safetensors.torch import load_file
+
+        torch.save(load_file(path / "model.safetensors"), path / "pytorch_model.bin")
+        (path / "model.safetensors").unlink()
     GenerationConfig(bos_token_id=eos_id, eos_token_id=eos_id).save_pretrained(path)
     return path
