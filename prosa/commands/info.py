@@ -23,14 +23,15 @@ def register(sub) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import torch
-
     from ..loader import build_model, open_checkpoint, resolve_device, resolve_dtype
 
     ck = open_checkpoint(args.model, args.revision)
     cfg = ck.config
     model = build_model(cfg)   # on the meta device: shapes only
-    params = sum({id(p): p.numel() for p in model.parameters()}.values())
+    params = sum(p.numel() for p in model.parameters())
+    head = getattr(model, "lm_head", None) or getattr(model, "embed_out", None)
+    if getattr(model.args, "tie_word_embeddings", False) and head is not None:
+        params -= head.weight.numel()   # the output layer shares the embedding's weights
     stored = cfg.get("torch_dtype") or cfg.get("dtype") or "float32"
     if ck.gguf is not None:
         types = Counter(ck.gguf.tensor_types().values())
@@ -53,5 +54,4 @@ def run(args: argparse.Namespace) -> int:
     width = max(len(k) for k, _ in rows)
     for k, v in rows:
         print(f"{k:<{width}}  {v}")
-    del torch
     return 0

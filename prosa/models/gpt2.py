@@ -31,6 +31,7 @@ class ModelArgs(BaseModelArgs):
     activation_function: str = "gelu_new"
     scale_attn_weights: bool = True
     scale_attn_by_inverse_layer_idx: bool = False
+    tie_word_embeddings: bool = True
 
 
 class Attention(nn.Module):
@@ -119,5 +120,6 @@ class Model(nn.Module):
             if name.endswith(_CONV1D):
                 w = w.t().contiguous()
             out[name] = w
-        out["lm_head.weight"] = out["transformer.wte.weight"]
+        if self.args.tie_word_embeddings or "lm_head.weight" not in out:
+            out["lm_head.weight"] = out["transformer.wte.weight"]   # same tensor: tied, no extra memory
         return out
