@@ -94,6 +94,11 @@ class RoPE:
 
     def __init__(self, dims: int, theta: float = 10000.0, scaling: dict | None = None, interleaved: bool = False):
         self.dims, self.theta, self.scaling, self.interleaved = dims, theta, scaling, interleaved
+        kind = (scaling or {}).get("rope_type", (scaling or {}).get("type", "default"))
+        if kind not in ("default", "linear", "llama3"):
+            # Checked here, at build time, so that load() can fall back to transformers.
+            raise UnsupportedModelError(
+                f"rope scaling type {kind!r} is not supported natively (supported: default, linear, llama3)")
         self._inv_freq: torch.Tensor | None = None
 
     def cos_sin(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
