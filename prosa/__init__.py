@@ -5,10 +5,9 @@
     >>> print(lm.generate("A story about a man and a dog", max_new_tokens=40, seed=0).text)
 """
 from .errors import CorruptModelError, ModelNotFoundError, ProsaError, UnsupportedModelError
-from .generate import GenerationResult
-from .language_model import LanguageModel
+from .language_model import Chunk, GenerationResult, LanguageModel, TokenLogprob
 from .loader import load
 
 __version__ = "0.1.0"
-__all__ = ["load", "LanguageModel", "GenerationResult", "ProsaError", "ModelNotFoundError",
+__all__ = ["load", "LanguageModel", "GenerationResult", "Chunk", "TokenLogprob", "ProsaError", "ModelNotFoundError",
            "UnsupportedModelError", "CorruptModelError"]

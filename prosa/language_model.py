@@ -1,20 +1,73 @@
-"""``LanguageModel``: a loaded model with its tokenizer, config and generation defaults."""
+"""``LanguageModel``: a loaded model with its tokenizer, config and generation defaults, and the generation API."""
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Iterable, Iterator, Mapping, Sequence
 
 import torch
 
-from .generate import GenerationResult, TokenEvent, stream_generate
-from .sampling import check_temperature, make_sampler
-from typing import TYPE_CHECKING
+from .generate import OVERFLOW_MODES, Event, PromptCache, Request, stream_generate
+from .sampling import SamplingParams
+
 if TYPE_CHECKING:
     from .tokenizer import Tokenizer
 
 DEFAULT_MAX_NEW_TOKENS = 128
+SAMPLING_FIELDS = tuple(f.name for f in fields(SamplingParams))
+# generation_config.json keys that set prosa defaults (transformers' names).
+_GC_KEYS = ("top_k", "top_p", "min_p", "typical_p", "repetition_penalty", "no_repeat_ngram_size")
+
+
+@dataclass
+class TokenLogprob:
+    """Log-probability of a generated token and the most likely alternatives at that step."""
+
+    token: int
+    logprob: float
+    top: list[tuple[int, float]] = field(default_factory=list)
+
+
+@dataclass
+class GenerationResult:
+    """One generated sequence.
+
+    Attributes:
+        text: the continuation (special tokens and the stop string removed).
+        tokens: generated token ids (a final eos id included when generation stopped on it).
+        finish_reason: "stop" (eos or a stop string) or "length" (max_new_tokens or the context window).
+        stop_reason: the stop string or eos id that ended it, if any.
+        prompt_tokens: the prompt's token ids.
+        index: which prompt of the call it continues; sample: which of its n samples.
+        seed: the seed its sampling used.
+        logprobs: per token, when requested.
+        settings: the reproducibility record: model, seed and every setting used.
+    """
+
+    text: str
+    tokens: list[int]
+    finish_reason: str
+    prompt_tokens: list[int] = field(default_factory=list)
+    stop_reason: str | int | None = None
+    index: int = 0
+    sample: int = 0
+    seed: int | None = None
+    logprobs: list[TokenLogprob] | None = None
+    settings: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Chunk:
+    """A piece of streamed text with the token ids that produced it (``str(chunk)`` is the text)."""
+
+    text: str
+    token_ids: list[int]
+    finish_reason: str | None = None
+    logprobs: list[TokenLogprob] | None = None
+
+    def __str__(self) -> str:
+        return self.text
 
 
 @dataclass
@@ -30,7 +83,7 @@ class LanguageModel:
     """
 
     model: torch.nn.Module
-    tokenizer: Tokenizer
+    tokenizer: "Tokenizer"
     config: dict[str, Any]
     generation_config: dict[str, Any] = field(default_factory=dict)
     name: str = ""
@@ -51,76 +104,171 @@ class LanguageModel:
 
     def num_parameters(self) -> int:
         """Distinct parameters (a tied output layer counts once)."""
-        seen = {p.data_ptr(): p.numel() for p in self.model.parameters()}
-        return sum(seen.values())
+        return sum({p.data_ptr(): p.numel() for p in self.model.parameters()}.values())
 
-    def default_temperature(self) -> float:
-        """transformers' rule: greedy unless generation_config.json says ``do_sample``."""
-        gc = self.generation_config
-        return float(gc.get("temperature") or 1.0) if gc.get("do_sample") else 0.0
-
-    def encode(self, prompt: str) -> list[int]:
-        """Token ids of a prompt; an empty prompt becomes the bos (or eos) token so the model has a context."""
-        ids = self.tokenizer.encode(prompt)
+    # -- requests ---------------------------------------------------------------------------------------
+    def encode(self, prompt: str | Sequence[int]) -> list[int]:
+        """Token ids of a prompt (a list of ids passes through); an empty prompt becomes the bos (or eos) token
+        so that the model has a context."""
+        ids = list(prompt) if not isinstance(prompt, str) else self.tokenizer.encode(prompt)
         if not ids:
             start = self.tokenizer.bos_token_id if self.tokenizer.bos_token_id is not None else self.tokenizer.eos_token_id
             ids = [start if start is not None else 0]
         return ids
 
-    def _events(self, prompts: Sequence[str], max_new_tokens: int | None, temperature: float | None,
-                seed: int | None) -> tuple[list[list[int]], list[int], Iterator[TokenEvent]]:
-        if max_new_tokens is None:
+    def sampling_defaults(self) -> dict[str, Any]:
+        """Sampling settings from generation_config.json, transformers' way: greedy unless ``do_sample``."""
+        gc = self.generation_config
+        out: dict[str, Any] = {"temperature": float(gc.get("temperature") or 1.0) if gc.get("do_sample") else 0.0}
+        out.update({k: gc[k] for k in _GC_KEYS if gc.get(k) is not None})
+        return out
+
+    def bad_words_ids(self, words: Iterable[str]) -> tuple[tuple[int, ...], ...]:
+        """Token sequences for banned words: each word alone and after a space (how it appears mid-text)."""
+        out: dict[tuple[int, ...], None] = {}
+        for w in words:
+            for variant in (w, " " + w.lstrip()):
+                ids = tuple(self.tokenizer.encode(variant, add_special_tokens=False))
+                if ids:
+                    out[ids] = None
+        return tuple(out)
+
+    def make_requests(self, prompts: Sequence[str | Sequence[int]], *, max_new_tokens: int | None = None,
+                      max_length: int | None = None, stop: str | Sequence[str] | None = None, n: int = 1, seed: int | None = None,
+                      logprobs: int | None = None, context_overflow: str = "error", ignore_eos: bool = False,
+                      bad_words: Sequence[str] | None = None, **sampling: Any) -> list[Request]:
+        """Validate settings and build one ``Request`` per prompt (see ``generate`` for the arguments).
+
+        Raises:
+            ValueError: a bad parameter (the message names it) or, with ``context_overflow="error"``, a prompt
+                longer than the context window.
+        """
+        unknown = set(sampling) - set(SAMPLING_FIELDS)
+        if unknown:
+            raise TypeError(f"unknown generation parameter(s): {', '.join(sorted(unknown))}")
+        if max_length is not None and (isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 1):
+            raise ValueError(f"max_length must be an integer >= 1, got {max_length!r}")
+        if max_new_tokens is None and max_length is None:
             max_new_tokens = self.generation_config.get("max_new_tokens") or DEFAULT_MAX_NEW_TOKENS
-        if int(max_new_tokens) != max_new_tokens or max_new_tokens < 0:
+        if max_new_tokens is not None and (isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int)
+                                           or max_new_tokens < 0):
             raise ValueError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
-        temperature = self.default_temperature() if temperature is None else check_temperature(temperature)
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise ValueError(f"n (num_return_sequences) must be an integer >= 1, got {n!r}")
+        if logprobs is not None and (isinstance(logprobs, bool) or not isinstance(logprobs, int) or logprobs < 0):
+            raise ValueError(f"logprobs must be None or an integer >= 0, got {logprobs!r}")
+        if context_overflow not in OVERFLOW_MODES:
+            raise ValueError(f"context_overflow must be one of {', '.join(OVERFLOW_MODES)}, got {context_overflow!r}")
         if seed is None:
             seed = random.SystemRandom().randrange(2**31)
-        ids = [self.encode(p) for p in prompts]
-        limits = []
-        for p in ids:
-            if len(p) >= self.context_length:
-                raise ValueError(f"the prompt is {len(p)} tokens, but the model's context window is "
-                                 f"{self.context_length}; shorten the prompt")
-            limits.append(min(int(max_new_tokens), self.context_length - len(p)))
-        # Sequence i of a call seeded s draws from seed s + i: reproducible alone or batched.
-        seeds = [seed + i for i in range(len(ids))]
-        events = stream_generate(self.model, self.tokenizer, ids, sampler=make_sampler(temperature), seeds=seeds,
-                                 max_new_tokens=limits, stop_ids=self.tokenizer.eos_token_ids)
-        return ids, seeds, events
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise ValueError(f"seed must be an integer, got {seed!r}")
+        stops = (stop,) if isinstance(stop, str) else tuple(stop or ())
+        settings = {**self.sampling_defaults(), **{k: v for k, v in sampling.items() if v is not None}}
+        if bad_words:
+            settings["bad_words_ids"] = tuple(settings.get("bad_words_ids", ())) + self.bad_words_ids(bad_words)
+        if settings.get("logit_bias"):
+            settings["logit_bias"] = {int(k): float(v) for k, v in settings["logit_bias"].items()}
+        params = SamplingParams(**settings).validate(self.tokenizer.vocab_size)
+        requests = []
+        for p in prompts:
+            ids = self.encode(p)
+            if len(ids) >= self.context_length:
+                if context_overflow == "error":
+                    raise ValueError(f"the prompt is {len(ids)} tokens but the context window is {self.context_length}; "
+                                     "shorten it or pass context_overflow='slide'")
+                ids = ids[-(self.context_length - 1):]
+            # max_length counts the prompt too (transformers' meaning); max_new_tokens wins when both are given.
+            new = max_new_tokens if max_new_tokens is not None else max(0, max_length - len(ids))
+            requests.append(Request(ids, params, new, stops, n, seed, logprobs, ignore_eos))
+        return requests
 
-    def generate(self, prompt: str | Sequence[str], *, max_new_tokens: int | None = None,
-                 temperature: float | None = None, seed: int | None = None
+    def settings(self, req: Request, sample: int, context_overflow: str) -> dict[str, Any]:
+        """The reproducibility record of one sequence."""
+        from . import __version__
+
+        p = req.params
+        return {"model": self.name, "prosa_version": __version__, "dtype": str(self.dtype).replace("torch.", ""),
+                "seed": req.seed + sample, "max_new_tokens": req.max_new_tokens, "stop": list(req.stop),
+                "n": req.n, "logprobs": req.logprobs, "context_overflow": context_overflow,
+                "ignore_eos": req.ignore_eos,
+                **{k: (dict(v) if isinstance(v, Mapping) else v) for k, v in
+                   ((f, getattr(p, f)) for f in SAMPLING_FIELDS)}}
+
+    # -- generation -------------------------------------------------------------------------------------
+    def events(self, prompts: Sequence[str | Sequence[int]], *, context_overflow: str = "error",
+               prompt_cache: PromptCache | None = None, **kwargs: Any) -> tuple[list[Request], Iterator[Event]]:
+        """Lowest-level API: the requests and the iterator of per-token ``Event``s (see ``prosa.generate``)."""
+        requests = self.make_requests(prompts, context_overflow=context_overflow, **kwargs)
+        return requests, stream_generate(self.model, self.tokenizer, requests, context_overflow=context_overflow,
+                                         prompt_cache=prompt_cache)
+
+    def generate(self, prompt: str | Sequence[int] | Sequence[str], **kwargs: Any
                  ) -> GenerationResult | list[GenerationResult]:
-        """Continue a prompt (or a batch of prompts, decoded together).
+        """Continue a prompt, or a batch of prompts decoded together.
 
         Args:
-            prompt: a string, or a list of strings.
-            max_new_tokens: tokens to generate at most (default: generation_config or 128); capped by the
-                context window.
-            temperature: 0 = greedy; default: the model's generation_config (greedy unless do_sample).
-            seed: makes sampling reproducible; sequence i of a batch uses ``seed + i``.
+            prompt: a string (or token ids), or a list of strings.
+            max_new_tokens: tokens to generate at most (default: generation_config's, else 128).
+            max_length: prompt + generated tokens at most (transformers' meaning); max_new_tokens wins.
+            temperature: 0 = greedy (default: the model's generation_config; greedy if it says nothing).
+            top_k, top_p, min_p, typical_p, repetition_penalty, presence_penalty, frequency_penalty,
+            no_repeat_ngram_size, logit_bias ({token id: bias}), bad_words (strings), bad_words_ids,
+            min_new_tokens: sampling controls, see ``prosa.sampling.SamplingParams``.
+            stop: a string or strings that end generation (never included in the text).
+            n: samples per prompt; the prompt is run through the model once.
+            seed: sample j of every prompt uses ``seed + j`` (random when None; recorded in ``settings``).
+            logprobs: None, or k >= 0: the chosen token's log-probability and the k most likely alternatives.
+            context_overflow: "error" (stop at the window; a prompt longer than it raises ValueError) or
+                "slide" (drop the oldest tokens and go on).
+            ignore_eos: do not stop at eos.
         Returns:
-            a ``GenerationResult`` (``.text``, ``.tokens``, ``.finish_reason``), or a list for a list of prompts.
+            for a string prompt: a ``GenerationResult``, or a list of n of them when n > 1;
+            for a list of prompts: a flat list, prompt-major (all samples of prompt 0, then prompt 1, ...).
         """
-        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-        ids, seeds, events = self._events(prompts, max_new_tokens, temperature, seed)
-        texts = [[] for _ in prompts]
-        tokens = [[] for _ in prompts]
-        reasons: list[str | None] = [None] * len(prompts)
+        single = isinstance(prompt, str) or (len(prompt) > 0 and isinstance(prompt[0], int))
+        prompts = [prompt] if single else list(prompt)
+        overflow = kwargs.get("context_overflow", "error")
+        requests, events = self.events(prompts, **kwargs)
+        results: dict[int, GenerationResult] = {}
+        pieces: dict[int, list[str]] = {}
+        for ev in events:
+            res = results.get(ev.seq)
+            if res is None:
+                req = requests[ev.request]
+                res = results[ev.seq] = GenerationResult(
+                    "", [], "length", list(req.prompt), index=ev.request, sample=ev.sample,
+                    seed=req.seed + ev.sample, logprobs=[] if req.logprobs is not None else None,
+                    settings=self.settings(req, ev.sample, overflow))
+                pieces[ev.seq] = []
+            if ev.token >= 0:
+                res.tokens.append(ev.token)
+                if res.logprobs is not None:
+                    res.logprobs.append(TokenLogprob(ev.token, ev.logprob, ev.top_logprobs or []))
+            pieces[ev.seq].append(ev.text)
+            if ev.finish_reason:
+                res.finish_reason, res.stop_reason = ev.finish_reason, ev.stop_reason
+        out = []
+        for seq in sorted(results):
+            results[seq].text = "".join(pieces[seq])
+            out.append(results[seq])
+        if single:
+            return out[0] if len(out) == 1 else out
+        return out
+
+    def stream(self, prompt: str | Sequence[int], *, prompt_cache: PromptCache | None = None,
+               **kwargs: Any) -> Iterator[Chunk]:
+        """Yield the continuation of one prompt as ``Chunk``s of text (with their token ids) as they are generated;
+        joined, the texts equal ``generate(...).text`` for the same settings. With n > 1, samples interleave
+        (``Chunk`` has no sample index: use ``events`` for that). Arguments as ``generate``."""
+        requests, events = self.events([prompt], prompt_cache=prompt_cache, **kwargs)
+        pending: list[int] = []
+        logprobs: list[TokenLogprob] = []
         for ev in events:
             if ev.token >= 0:
-                tokens[ev.index].append(ev.token)
-            texts[ev.index].append(ev.text)
-            reasons[ev.index] = ev.finish_reason or reasons[ev.index]
-        results = [GenerationResult("".join(t), tok, r or "length", p, s)
-                   for t, tok, r, p, s in zip(texts, tokens, reasons, ids, seeds)]
-        return results[0] if isinstance(prompt, str) else results
-
-    def stream(self, prompt: str, *, max_new_tokens: int | None = None, temperature: float | None = None,
-               seed: int | None = None) -> Iterator[str]:
-        """Yield the continuation of ``prompt`` as pieces of text; joined, they equal ``generate(...).text``."""
-        _, _, events = self._events([prompt], max_new_tokens, temperature, seed)
-        for ev in events:
-            if ev.text:
-                yield ev.text
+                pending.append(ev.token)
+                if ev.logprob is not None:
+                    logprobs.append(TokenLogprob(ev.token, ev.logprob, ev.top_logprobs or []))
+            if ev.text or ev.finish_reason:
+                yield Chunk(ev.text, pending, ev.finish_reason, logprobs if requests[0].logprobs is not None else None)
+                pending, logprobs = [], []

@@ -105,3 +105,25 @@ class KVCache:
             mask = mask[:, None]   # (B, 1, T, S)
         self._masks[window] = mask
         return mask
+
+    # -- batch surgery, used by the generation loop -------------------------------------------------------
+    def select(self, index: torch.Tensor) -> None:
+        """Keep, reorder or duplicate sequences: row ``i`` becomes old row ``index[i]``.
+
+        Used to drop finished sequences and to give ``n`` samples of one prompt that prompt's cache.
+        """
+        index = index.to(self.valid.device)
+        self.keys = [k.index_select(0, index) if k is not None else None for k in self.keys]
+        self.values = [v.index_select(0, index) if v is not None else None for v in self.values]
+        self.valid = self.valid.index_select(0, index)
+        self.lengths = self.lengths.index_select(0, index)
+        self.batch_size = len(index)
+        self._masks = {}
+
+    def truncate(self, offset: int) -> None:
+        """Forget every slot from ``offset`` on (a conversation rewound to a shared prefix)."""
+        if offset < self.offset:
+            self.valid[:, offset:] = False
+            self.lengths = self.valid[:, :offset].sum(1)
+            self.offset = offset
+            self._masks = {}
