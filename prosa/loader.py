@@ -10,15 +10,18 @@ import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator
 
 import torch
 
 from . import models
-from .errors import CorruptModelError, ModelNotFoundError, ProsaError, UnsupportedModelError
+from .errors import CorruptModelError, ModelNotFoundError, UnsupportedModelError
 from .language_model import LanguageModel
 
 from .weights import hub
+
+if TYPE_CHECKING:
+    from .tokenizer import Tokenizer
 
 DEFAULT_HUB_MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,

@@ -762,18 +762,9 @@ class Sampler:
         return f"Sampler(greedy_rows={list(self.greedy_rows)!r})"
 
 
-def make_sampler(params: Sequence[SamplingParams] | float) -> Sampler | Callable[..., torch.Tensor]:
+def make_sampler(params: Sequence[SamplingParams]) -> Sampler:
     """The sampler for a batch whose row i follows ``params[i]`` (greedy where temperature is 0). Temperature and
-    filters are processors (``make_logits_processors``); the sampler only picks.
-
-    Transitional: a plain number gives the earlier API's sampler for any batch size, which applies that temperature
-    itself (0 -> ``greedy``) and draws like ``Sampler``.
-    """
-    if isinstance(params, numbers.Real):
-        t = check_temperature(params)
-        if t == 0:
-            return greedy
-        return lambda logits, generators: draw(logits / t, generators)
+    filters are processors (``make_logits_processors``); the sampler only picks."""
     return Sampler([p.greedy for p in params])
 
 

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import prosa
-from prosa.errors import CorruptModelError, ModelNotFoundError, UnsupportedModelError
+from prosa.errors import CorruptModelError, ModelNotFoundError
 
 PROSA = [sys.executable, "-m", "prosa.cli"]
 # Runs a snippet with transformers made unimportable, as on a user's machine without it.

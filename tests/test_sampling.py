@@ -3,7 +3,6 @@ per-row sampler (independence from the batch, greedy ties), a chi-square test of
 SamplingParams validation."""
 from __future__ import annotations
 
-import math
 
 import pytest
 import torch

@@ -9,7 +9,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .base import BaseModelArgs, RoPE, activation, attention, merge_heads, split_heads
