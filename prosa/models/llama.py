@@ -2,7 +2,7 @@
 
 Checkpoint names: ``model.embed_tokens``, ``model.layers.N.self_attn.{q,k,v,o}_proj``,
 ``model.layers.N.mlp.{gate,up,down}_proj``, ``model.layers.N.{input,post_attention}_layernorm``, ``model.norm``,
-``lm_head``.
+``lm_head``; q/k/v and gate/up are fused at load (see ``Model.sanitize``).
 """
 from __future__ import annotations
 
@@ -57,34 +57,37 @@ class ModelArgs(BaseModelArgs):
 
 
 class Attention(nn.Module):
+    """Grouped-query attention. The checkpoint's q/k/v projections are fused into one ``qkv_proj`` by
+    ``Model.sanitize``: one matmul per token instead of three, and RoPE applied to q and k in one go."""
+
     def __init__(self, args: ModelArgs, layer: int):
         super().__init__()
         self.layer, self.n_heads, self.n_kv = layer, args.num_attention_heads, args.num_key_value_heads
         self.window = args.window(layer)
         d = args.head_dim
-        self.q_proj = nn.Linear(args.hidden_size, self.n_heads * d, bias=args.attention_bias)
-        self.k_proj = nn.Linear(args.hidden_size, self.n_kv * d, bias=args.attention_bias)
-        self.v_proj = nn.Linear(args.hidden_size, self.n_kv * d, bias=args.attention_bias)
+        self.qkv_proj = nn.Linear(args.hidden_size, (self.n_heads + 2 * self.n_kv) * d, bias=args.attention_bias)
         self.o_proj = nn.Linear(self.n_heads * d, args.hidden_size, bias=args.attention_bias and args.model_type != "qwen2")
 
     def forward(self, x: torch.Tensor, rope: RoPE, cos_sin, cache: KVCache) -> torch.Tensor:
-        q = rope.apply(split_heads(self.q_proj(x), self.n_heads), *cos_sin)  # (B, H, T, D)
-        k = rope.apply(split_heads(self.k_proj(x), self.n_kv), *cos_sin)     # (B, H_kv, T, D)
-        v = split_heads(self.v_proj(x), self.n_kv)
-        k, v = cache.update(self.layer, k, v)                                 # (B, H_kv, S, D)
-        return self.o_proj(merge_heads(attention(q, k, v, cache.mask(self.window))))
+        h, kv = self.n_heads, self.n_kv
+        qkv = split_heads(self.qkv_proj(x), h + 2 * kv)          # (B, H + 2 H_kv, T, D)
+        qk = rope.apply(qkv[:, :h + kv], *cos_sin)                # (B, H + H_kv, T, D)
+        k, v = cache.update(self.layer, qk[:, h:], qkv[:, h + kv:])  # (B, H_kv, S, D)
+        return self.o_proj(merge_heads(attention(qk[:, :h], k, v, cache.mask(self.window))))
 
 
 class MLP(nn.Module):
+    """SwiGLU; gate and up projections fused into one ``gate_up_proj`` by ``Model.sanitize``."""
+
     def __init__(self, args: ModelArgs):
         super().__init__()
-        self.gate_proj = nn.Linear(args.hidden_size, args.intermediate_size, bias=args.mlp_bias)
-        self.up_proj = nn.Linear(args.hidden_size, args.intermediate_size, bias=args.mlp_bias)
+        self.gate_up_proj = nn.Linear(args.hidden_size, 2 * args.intermediate_size, bias=args.mlp_bias)
         self.down_proj = nn.Linear(args.intermediate_size, args.hidden_size, bias=args.mlp_bias)
         self.act = activation(args.hidden_act)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        return self.down_proj(self.act(gate) * up)
 
 
 class RMSNorm(nn.Module):
@@ -149,8 +152,17 @@ class Model(nn.Module):
         return self.lm_head(self.model.norm(h))                 # (B, T, V)
 
     def sanitize(self, weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Checkpoint tensors -> this module's state dict (drop rotary buffers, tie the output layer)."""
+        """Checkpoint tensors -> this module's state dict: drop rotary buffers, fuse q/k/v into ``qkv_proj`` and
+        gate/up into ``gate_up_proj`` (one row-wise concatenation each), tie the output layer."""
         weights = {k: v for k, v in weights.items() if "rotary_emb.inv_freq" not in k}
+        fused = {"self_attn.qkv_proj": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+                 "mlp.gate_up_proj": ("mlp.gate_proj", "mlp.up_proj")}
+        for i in range(self.args.num_hidden_layers):
+            for target, parts in fused.items():
+                for kind in ("weight", "bias"):
+                    names = [f"model.layers.{i}.{part}.{kind}" for part in parts]
+                    if all(n in weights for n in names):
+                        weights[f"model.layers.{i}.{target}.{kind}"] = torch.cat([weights.pop(n) for n in names])
         if self.args.tie_word_embeddings or "lm_head.weight" not in weights:
             # Same tensor object under both names: tied, no extra memory.
             weights["lm_head.weight"] = weights["model.embed_tokens.weight"]
