@@ -6,7 +6,7 @@ import argparse
 import importlib
 import sys
 
-VERBS = ["generate", "info"]
+VERBS = ["generate", "info", "perplexity"]
 
 
 def build_parser() -> argparse.ArgumentParser:

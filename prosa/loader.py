@@ -100,11 +100,12 @@ class Checkpoint:
     fmt: str                                # "safetensors", "pytorch", "gguf"
     gguf: Any = None                        # prosa.weights.gguf.GGUFCheckpoint for GGUF files
 
-    def tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
+    def tensors(self, dtype: torch.dtype | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+        """(checkpoint name, tensor) one at a time; floating-point tensors in ``dtype`` when given."""
         if self.gguf is not None:
-            return self.gguf.tensors()
+            return self.gguf.tensors(dtype or torch.float32)
         from .weights.safetensors import iter_tensors
-        return iter_tensors(self.path)
+        return iter_tensors(self.path, dtype)
 
     def tokenizer(self) -> "Tokenizer":
         if self.gguf is not None:
@@ -187,9 +188,9 @@ def load(name_or_path: str | os.PathLike | None = None, *, dtype: str | torch.dt
 
 def _load_weights(model: torch.nn.Module, ck: Checkpoint, dtype: torch.dtype, device: torch.device) -> None:
     state: dict[str, torch.Tensor] = {}
-    for name, tensor in ck.tensors():
+    for name, tensor in ck.tensors(dtype):
         # Integer/bool buffers (old GPT-2 attention masks) keep their dtype; sanitize drops them.
-        state[name] = tensor.to(device=device, dtype=dtype) if tensor.is_floating_point() else tensor
+        state[name] = tensor.to(device) if tensor.is_floating_point() else tensor
     state = model.sanitize(state)
     expected = set(model.state_dict())
     missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)

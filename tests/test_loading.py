@@ -175,3 +175,50 @@ def test_default_model_is_the_bundled_gguf(monkeypatch):
         assert path.endswith("SmolLM2-135M-Instruct.Q4_1.gguf") and Path(path).is_file()
     monkeypatch.setenv("PROSA_MODEL", "/some/where")
     assert default_model() == "/some/where"
+
+
+def test_truncated_gguf_on_the_cli(tmp_path, bundled_gguf):
+    bad = tmp_path / "model.gguf"
+    with open(bundled_gguf, "rb") as f:
+        bad.write_bytes(f.read(bundled_gguf.stat().st_size // 2))
+    with pytest.raises(CorruptModelError, match="truncated or corrupt"):
+        prosa.load(bad)
+    assert_clean_error(run_cli("generate", "hi", "-m", str(bad)), "model.gguf", "truncated")
+    assert_clean_error(run_cli("info", str(bad)), "model.gguf")
+
+
+MEMORY_PROBE = """
+import resource, sys, torch
+import prosa
+torch.set_num_threads(1)
+def rss_mb():
+    with open('/proc/self/status') as f:
+        return next(int(l.split()[1]) for l in f if l.startswith('VmRSS')) / 1024
+from prosa.loader import build_model, open_checkpoint
+ck = open_checkpoint(sys.argv[1])
+build_model(ck.config)        # first use pulls in torch's meta-device machinery (~75 MB of code), not weights
+ck.tokenizer()
+base = rss_mb()
+lm = prosa.load(sys.argv[1], dtype=sys.argv[2])
+peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+weights = sum(p.numel() * p.element_size() for p in lm.model.parameters()) / 2**20
+print(base, peak, weights)
+"""
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_loading_peaks_near_the_weights(tmp_path_factory, dtype):
+    """Weights are read tensor by tensor and converted once: the load costs about the weights in the target dtype
+    (plus one source tensor), not a second full copy."""
+    d = tmp_path_factory.mktemp("wide")
+    make = ("import sys, transformers, tiny; d = sys.argv[1]; tiny.make_tokenizer_folder(d); "
+            "cfg = transformers.GPT2Config(vocab_size=384, n_embd=768, n_layer=6, n_head=12, n_positions=128); "
+            "transformers.AutoModelForCausalLM.from_config(cfg).save_pretrained(d)")     # ~170 MB of float32
+    subprocess.run([sys.executable, "-c", make, str(d)], check=True, timeout=300, capture_output=True,
+                   env={**os.environ, "PYTHONPATH": str(Path(__file__).parent)})
+    out = subprocess.run([sys.executable, "-c", MEMORY_PROBE, str(d), dtype], capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr
+    base, peak, weights = map(float, out.stdout.split())
+    largest = 768 * 3072 * 4 / 2**20          # the biggest float32 tensor read at once (an MLP matrix)
+    assert peak - base <= 1.15 * weights + 4 * largest + 40, (base, peak, weights)

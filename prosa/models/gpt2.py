@@ -112,7 +112,8 @@ class Model(nn.Module):
         """Add the ``transformer.`` prefix base-model checkpoints lack, drop attention-mask buffers, turn Conv1D
         weights into Linear ones, tie the output layer."""
         out = {}
-        for name, w in weights.items():
+        for name in list(weights):
+            w = weights.pop(name)   # popped: a transposed copy replaces it, not joins it
             if name.endswith((".attn.bias", ".attn.masked_bias")):
                 continue
             if not name.startswith(("transformer.", "lm_head.")):

@@ -3,7 +3,10 @@ through ``torch.load(weights_only=True)`` only, so a pickle can never run code."
 from __future__ import annotations
 
 import json
+import mmap
+import os
 import pickle
+import struct
 from pathlib import Path
 from typing import Iterator
 
@@ -47,15 +50,62 @@ def weight_files(folder: Path) -> list[Path]:
                              "safetensors or pytorch_model.bin); download the weights into that folder")
 
 
-def _iter_safetensors(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
-    from safetensors import SafetensorError, safe_open
+_ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+              "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+              "BOOL": torch.bool}
+_PAGE = mmap.PAGESIZE
 
+
+def _iter_safetensors(path: Path, dtype: torch.dtype | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield the tensors of one safetensors file, each copied once out of a memory map (converted to ``dtype`` on
+    the way when it is floating point), after which the file's pages for it are released: reading a model costs
+    the weights in the target dtype plus one tensor, not a second copy of the file."""
+    def corrupt(why: str) -> CorruptModelError:
+        return CorruptModelError(f"{path} is truncated or corrupt ({why}); re-download it")
+
+    with open(path, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        if size < 8:
+            raise corrupt("shorter than its header")
+        (n,) = struct.unpack("<Q", f.read(8))
+        if n > size - 8:
+            raise corrupt(f"header of {n} bytes in a file of {size}")
+        try:
+            header = json.loads(f.read(n))
+        except ValueError as e:
+            raise corrupt(f"bad header: {e}") from None
+        header.pop("__metadata__", None)
+        mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY) if size > 8 + n else None
+    base = 8 + n
     try:
-        with safe_open(str(path), framework="pt") as f:
-            for name in f.keys():
-                yield name, f.get_tensor(name)
-    except (SafetensorError, OSError, RuntimeError, ValueError) as e:
-        raise CorruptModelError(f"{path} is truncated or corrupt ({e}); re-download it") from None
+        for name, info in header.items():
+            try:
+                st_dtype, shape, (begin, end) = _ST_DTYPES[info["dtype"]], info["shape"], info["data_offsets"]
+            except (KeyError, TypeError, ValueError):
+                raise corrupt(f"unreadable entry for {name!r}") from None
+            count = 1
+            for d in shape:
+                count *= d
+            if base + end > size or end - begin != count * st_dtype.itemsize or begin < 0:
+                raise corrupt(f"tensor {name!r} lies outside the file")
+            if count == 0:
+                yield name, torch.empty(shape, dtype=st_dtype)
+                continue
+            view = torch.frombuffer(mm, dtype=st_dtype, count=count, offset=base + begin).view(shape)
+            target = dtype if dtype is not None and st_dtype.is_floating_point else st_dtype
+            tensor = view.to(target, copy=True)
+            del view
+            # Drop the file pages just read (clean copy-on-write pages: they would be read again if needed).
+            lo, hi = (base + begin) // _PAGE * _PAGE, min(-(-(base + end) // _PAGE) * _PAGE, size)
+            if hasattr(mm, "madvise") and hi > lo:
+                mm.madvise(mmap.MADV_DONTNEED, lo, hi - lo)
+            yield name, tensor
+    finally:
+        if mm is not None:
+            try:
+                mm.close()
+            except BufferError:   # a tensor view still alive (caller kept it): the map closes with it
+                pass
 
 
 def _load_bin(path: Path) -> dict[str, torch.Tensor]:
@@ -80,12 +130,14 @@ def _load_bin(path: Path) -> dict[str, torch.Tensor]:
     return state
 
 
-def iter_tensors(folder: Path) -> Iterator[tuple[str, torch.Tensor]]:
-    """Yield (checkpoint name, tensor) for every tensor of the folder's weights, one file at a time."""
+def iter_tensors(folder: Path, dtype: torch.dtype | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield (checkpoint name, tensor) for every tensor of the folder's weights, one file at a time; floating-point
+    tensors converted to ``dtype`` when given."""
     for path in weight_files(folder):
         if path.suffix == ".safetensors":
-            yield from _iter_safetensors(path)
+            yield from _iter_safetensors(path, dtype)
         else:
             state = _load_bin(path)
             while state:
-                yield state.popitem()
+                name, tensor = state.popitem()
+                yield name, tensor.to(dtype) if dtype is not None and tensor.is_floating_point() else tensor
