@@ -7,7 +7,8 @@
 from .errors import CorruptModelError, ModelNotFoundError, ProsaError, UnsupportedModelError
 from .language_model import Chunk, GenerationResult, LanguageModel, TokenLogprob
 from .loader import load
+from .pipeline import pipeline
 
 __version__ = "0.1.0"
-__all__ = ["load", "LanguageModel", "GenerationResult", "Chunk", "TokenLogprob", "ProsaError", "ModelNotFoundError",
+__all__ = ["load", "pipeline", "LanguageModel", "GenerationResult", "Chunk", "TokenLogprob", "ProsaError", "ModelNotFoundError",
            "UnsupportedModelError", "CorruptModelError"]

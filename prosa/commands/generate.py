@@ -9,6 +9,8 @@ from typing import Any
 
 from . import add_model_options
 
+PIPELINE_TEMPERATURE, PIPELINE_TOP_K = 0.7, 50   # transformers' pipeline defaults when sampling
+
 
 def _bias(text: str) -> tuple[int, float]:
     try:
@@ -23,7 +25,8 @@ def add_sampling_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("sampling")
     g.add_argument("--max-new-tokens", type=int, default=None, help="tokens to generate at most (default 128)")
     g.add_argument("--temperature", type=float, default=None,
-                   help="0 = greedy (default: the model's generation_config; greedy if it says nothing)")
+                   help="0 = greedy (default: the model's generation_config; if it says nothing, 0.7 with top-k 50, "
+                        "as transformers' pipeline)")
     g.add_argument("--top-k", type=int, default=None, help="keep the k most likely tokens (0 = off)")
     g.add_argument("--top-p", type=float, default=None, help="nucleus sampling: smallest set with this mass, in (0, 1]")
     g.add_argument("--min-p", type=float, default=None, help="drop tokens below min_p x the top probability")
@@ -102,6 +105,11 @@ def run(args: argparse.Namespace) -> int:
     else:
         prompts = [sys.stdin.read() if args.prompt == "-" else args.prompt]
     lm = prosa.load(args.model, dtype=args.dtype, revision=args.revision, device=args.device)
+    if args.temperature is None and "do_sample" not in lm.generation_config:
+        # A model that states no default samples as transformers' text-generation pipeline does (greedy text
+        # from small models loops); `--temperature 0` asks for greedy.
+        kw["temperature"] = PIPELINE_TEMPERATURE
+        kw.setdefault("top_k", PIPELINE_TOP_K)
     lm.make_requests(prompts[:1], **kw)   # validate every setting before any work
     if args.file:
         return _run_file(lm, prompts, kw, args)
