@@ -75,11 +75,20 @@ def resolve_dtype(dtype: str | torch.dtype, checkpoint_dtype: str | None, device
             raise ValueError(f"dtype must be one of auto, {', '.join(_DTYPES)}; got {dtype!r}") from None
     if device.type == "cuda" and checkpoint_dtype in ("bfloat16", "float16"):
         return _DTYPES[checkpoint_dtype]
-    if checkpoint_dtype == "bfloat16" and device.type == "cpu":
-        cap = torch.backends.cpu.get_cpu_capability()
-        if "AVX512" in cap or "AMX" in cap:
-            return torch.bfloat16
+    if checkpoint_dtype == "bfloat16" and device.type == "cpu" and _cpu_has_native_bf16():
+        return torch.bfloat16
     return torch.float32
+
+
+def _cpu_has_native_bf16() -> bool:
+    """True when the CPU computes bfloat16 in hardware (AVX-512 BF16 or AMX); without it PyTorch emulates
+    bfloat16 matmuls, slower than float32. torch's capability string says only "AVX512" either way."""
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
+            flags = next((line for line in f if line.startswith("flags")), "")
+    except OSError:
+        return False
+    return " avx512_bf16" in flags or " amx_bf16" in flags
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:

@@ -1,0 +1,377 @@
+// prosa quantized linear kernels (CPU): y = x @ W^T (+ bias) with W stored as group-wise int8 or int4.
+//
+// Weight layout ("row-interleaved", made by prosa/quant.py `_pack_int8` / `_pack_int4`): output rows are taken
+// 16 at a time (a tile; N is padded to a multiple of 16 with zero rows). Within a tile, K is walked in chunks:
+//   int8: chunk = 4 k  -> 64 bytes: byte [r*4 + j] = W[row r, k + j] + 128   (stored unsigned)
+//   int4: chunk = 8 k  -> 64 bytes: byte [r*4 + j] = Q[row r, k + j] | Q[row r, k + 4 + j] << 4   (Q in 0..15)
+// so one 512-bit load holds a 16-row x 4-k block and VPDPBUSD (u8 x s8 -> s32, 4 products per lane) makes one
+// lane per output row: no horizontal reductions anywhere. Scales (and int4 mins) are fp16, [tile][K/G][16].
+//   int8: W = d * (stored - 128)          int4: W = d * Q + m
+// Activations are quantized on the fly to int8 in blocks of 32 along K (like llama.cpp's Q8_0 / Q8_1): x ~= dx * xq.
+// The result is the exact dot product of the dequantized weight with the block-quantized activation, accumulated
+// in int32 per block and float32 across blocks.
+//
+// Code paths: AVX-512 VNNI (chosen at run time with __builtin_cpu_supports; the file is compiled without -march so
+// the module loads on any x86-64) and a portable scalar path computing the same quantities.
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+#if defined(__x86_64__) || defined(_M_X64)
+#include <immintrin.h>
+#define PROSA_X86 1
+#define TGT __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,f16c,fma")))
+#else
+#define PROSA_X86 0
+#endif
+
+namespace {
+
+constexpr int TILE = 16;   // output rows per tile
+constexpr int XB = 32;     // activation quantization block along K
+
+// ------------------------------------------------------------------------------------------ fp16 helpers (scalar)
+inline float half_to_float(uint16_t h) {
+  return static_cast<float>(c10::Half(h, c10::Half::from_bits()));
+}
+
+// ------------------------------------------------------------------------------------- activation quantization
+// x (M, K) float -> xq (M, K) int8, dx (M, K/32) scale, isum (M, K/32) sum of xq, gsum (M, K/G) sum of dx*isum
+// over each weight group.
+struct QuantX {
+  std::vector<int8_t> xq;
+  std::vector<float> dx, gsum;
+  std::vector<int32_t> isum;
+};
+
+void quantize_rows_scalar(const float* x, int64_t K, int8_t* xq, float* dx, int32_t* isum) {
+  for (int64_t b = 0; b < K / XB; ++b) {
+    const float* xb = x + b * XB;
+    float amax = 0.f;
+    for (int j = 0; j < XB; ++j) amax = std::max(amax, std::fabs(xb[j]));
+    const float d = amax / 127.f;
+    const float id = d > 0.f ? 1.f / d : 0.f;
+    int32_t s = 0;
+    for (int j = 0; j < XB; ++j) {
+      const int v = static_cast<int>(std::nearbyint(xb[j] * id));
+      xq[b * XB + j] = static_cast<int8_t>(v);
+      s += v;
+    }
+    dx[b] = d;
+    isum[b] = s;
+  }
+}
+
+#if PROSA_X86
+TGT void quantize_rows_avx512(const float* x, int64_t K, int8_t* xq, float* dx, int32_t* isum) {
+  const __m512 absmask = _mm512_castsi512_ps(_mm512_set1_epi32(0x7fffffff));
+  for (int64_t b = 0; b < K / XB; ++b) {
+    const __m512 v0 = _mm512_loadu_ps(x + b * XB), v1 = _mm512_loadu_ps(x + b * XB + 16);
+    const __m512 a = _mm512_max_ps(_mm512_and_ps(v0, absmask), _mm512_and_ps(v1, absmask));
+    const float amax = _mm512_reduce_max_ps(a);
+    const float d = amax / 127.f;
+    const float id = d > 0.f ? 1.f / d : 0.f;
+    const __m512 vid = _mm512_set1_ps(id);
+    // round to nearest even, like std::nearbyint in the scalar path
+    const __m512i q0 = _mm512_cvtps_epi32(_mm512_mul_ps(v0, vid));
+    const __m512i q1 = _mm512_cvtps_epi32(_mm512_mul_ps(v1, vid));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(xq + b * XB), _mm512_cvtepi32_epi8(q0));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(xq + b * XB + 16), _mm512_cvtepi32_epi8(q1));
+    dx[b] = d;
+    isum[b] = _mm512_reduce_add_epi32(_mm512_add_epi32(q0, q1));
+  }
+}
+#endif
+
+bool use_avx512() {
+#if PROSA_X86
+  static const bool ok = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
+                         __builtin_cpu_supports("avx512vnni");
+  return ok;
+#else
+  return false;
+#endif
+}
+
+bool g_force_scalar = false;
+
+void quantize_x(const float* x, int64_t M, int64_t K, int64_t G, bool avx512, QuantX& q) {
+  const int64_t nb = K / XB, ng = K / G, bpg = G / XB;
+  q.xq.resize(M * K);
+  q.dx.resize(M * nb);
+  q.isum.resize(M * nb);
+  q.gsum.resize(M * ng);
+  const auto rows = [&](int64_t m0, int64_t m1) {
+    for (int64_t m = m0; m < m1; ++m) {
+#if PROSA_X86
+      if (avx512)
+        quantize_rows_avx512(x + m * K, K, q.xq.data() + m * K, q.dx.data() + m * nb, q.isum.data() + m * nb);
+      else
+#endif
+        quantize_rows_scalar(x + m * K, K, q.xq.data() + m * K, q.dx.data() + m * nb, q.isum.data() + m * nb);
+      for (int64_t g = 0; g < ng; ++g) {
+        float s = 0.f;
+        for (int64_t b = g * bpg; b < (g + 1) * bpg; ++b) s += q.dx[m * nb + b] * static_cast<float>(q.isum[m * nb + b]);
+        q.gsum[m * ng + g] = s;
+      }
+    }
+  };
+  if (M < 16) rows(0, M); else at::parallel_for(0, M, 4, rows);
+}
+
+// ------------------------------------------------------------------------------------------------- kernels
+// One tile (16 rows) x MB activation rows. `w` points at the tile's packed bytes, `d`/`mn` at its [K/G][16] fp16
+// scales/mins. Writes out[i * ldo + r] for r < valid.
+struct Args {
+  const uint8_t* w;
+  const uint16_t* d;
+  const uint16_t* mn;     // int4 only
+  const int8_t* xq;       // (M, K)
+  const float* dx;        // (M, K/32)
+  const int32_t* isum;    // (M, K/32)
+  const float* gsum;      // (M, K/G)
+  const float* bias;      // (Npad) or null
+  float* out;
+  int64_t K, G, ldo;
+};
+
+#if PROSA_X86
+// MB activation rows x NT consecutive tiles (16 output rows each). Each 64-byte weight chunk is unpacked once and
+// used for MB rows; each broadcast activation word is used for NT tiles. NACC independent int32 accumulators per
+// (row, tile): VPDPBUSD has ~5 cycles of latency, so with one or two of them in flight a single accumulator
+// chain, not memory, would bound the speed at M=1.
+template <int MB, int NT, bool INT4>
+TGT void tile_avx512(const Args& a, int64_t tile0, int64_t m0) {
+  constexpr int NACC = MB * NT == 1 ? 4 : (MB * NT == 2 ? 2 : 1);
+  const int64_t K = a.K, G = a.G, N = a.ldo, nb = K / XB, ng = K / G, bpg = G / XB;
+  const int64_t chunk_k = INT4 ? 8 : 4;  // k per 64-byte chunk
+  const __m512i nib = _mm512_set1_epi8(0x0F);
+  const uint8_t* w[NT];
+  const uint16_t* dt[NT];
+  const uint16_t* mt[NT];
+  __mmask16 mask[NT];
+  __m512 acc[MB][NT];
+  for (int j = 0; j < NT; ++j) {
+    const int64_t t = tile0 + j;
+    w[j] = a.w + t * (K / chunk_k) * 64;
+    dt[j] = a.d + t * ng * TILE;
+    mt[j] = INT4 ? a.mn + t * ng * TILE : nullptr;
+    const int64_t valid = std::min<int64_t>(TILE, N - t * TILE);
+    mask[j] = valid >= TILE ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << valid) - 1);
+    const __m512 b0 = a.bias ? _mm512_maskz_loadu_ps(mask[j], a.bias + t * TILE) : _mm512_setzero_ps();
+    for (int i = 0; i < MB; ++i) acc[i][j] = b0;
+  }
+  const int8_t* xq[MB];
+  for (int i = 0; i < MB; ++i) xq[i] = a.xq + (m0 + i) * K;
+
+  for (int64_t g = 0; g < ng; ++g) {
+    __m512 dv[NT];
+    for (int j = 0; j < NT; ++j)
+      dv[j] = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(dt[j] + g * TILE)));
+    for (int64_t b = g * bpg; b < (g + 1) * bpg; ++b) {
+      __m512i idot[MB][NT][NACC];
+      for (int i = 0; i < MB; ++i)
+        for (int j = 0; j < NT; ++j)
+          for (int u = 0; u < NACC; ++u) idot[i][j][u] = _mm512_setzero_si512();
+      if (INT4) {
+#pragma GCC unroll 4
+        for (int c = 0; c < 4; ++c) {  // 4 chunks of 8 k
+          __m512i lo[NT], hi[NT];
+          for (int j = 0; j < NT; ++j) {
+            const __m512i v = _mm512_loadu_si512(w[j] + (b * 4 + c) * 64);
+            lo[j] = _mm512_and_si512(v, nib);
+            hi[j] = _mm512_and_si512(_mm512_srli_epi16(v, 4), nib);
+          }
+          const int u0 = (2 * c) % NACC, u1 = (2 * c + 1) % NACC;
+          for (int i = 0; i < MB; ++i) {
+            int32_t x0, x1;
+            std::memcpy(&x0, xq[i] + b * XB + c * 8, 4);
+            std::memcpy(&x1, xq[i] + b * XB + c * 8 + 4, 4);
+            const __m512i b0 = _mm512_set1_epi32(x0), b1 = _mm512_set1_epi32(x1);
+            for (int j = 0; j < NT; ++j) {
+              idot[i][j][u0] = _mm512_dpbusd_epi32(idot[i][j][u0], lo[j], b0);
+              idot[i][j][u1] = _mm512_dpbusd_epi32(idot[i][j][u1], hi[j], b1);
+            }
+          }
+        }
+      } else {
+#pragma GCC unroll 8
+        for (int c = 0; c < 8; ++c) {  // 8 chunks of 4 k
+          __m512i v[NT];
+          for (int j = 0; j < NT; ++j) v[j] = _mm512_loadu_si512(w[j] + (b * 8 + c) * 64);
+          for (int i = 0; i < MB; ++i) {
+            int32_t x0;
+            std::memcpy(&x0, xq[i] + b * XB + c * 4, 4);
+            const __m512i b0 = _mm512_set1_epi32(x0);
+            for (int j = 0; j < NT; ++j)
+              idot[i][j][c % NACC] = _mm512_dpbusd_epi32(idot[i][j][c % NACC], v[j], b0);
+          }
+        }
+      }
+      for (int i = 0; i < MB; ++i) {
+        const __m512 sx = _mm512_set1_ps(a.dx[(m0 + i) * nb + b]);
+        // int8 is stored + 128: remove 128 * sum(xq) of the block
+        const __m512i corr = _mm512_set1_epi32(INT4 ? 0 : 128 * a.isum[(m0 + i) * nb + b]);
+        for (int j = 0; j < NT; ++j) {
+          __m512i sum = idot[i][j][0];
+          for (int u = 1; u < NACC; ++u) sum = _mm512_add_epi32(sum, idot[i][j][u]);
+          if (!INT4) sum = _mm512_sub_epi32(sum, corr);
+          acc[i][j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum), _mm512_mul_ps(dv[j], sx), acc[i][j]);
+        }
+      }
+    }
+    if (INT4) {
+      for (int j = 0; j < NT; ++j) {
+        const __m512 mv = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(mt[j] + g * TILE)));
+        for (int i = 0; i < MB; ++i)
+          acc[i][j] = _mm512_fmadd_ps(mv, _mm512_set1_ps(a.gsum[(m0 + i) * ng + g]), acc[i][j]);
+      }
+    }
+  }
+  for (int i = 0; i < MB; ++i)
+    for (int j = 0; j < NT; ++j)
+      _mm512_mask_storeu_ps(a.out + (m0 + i) * a.ldo + (tile0 + j) * TILE, mask[j], acc[i][j]);
+}
+
+// Rows m0.. of tiles [t, t + NT): blocks of MB_MAX rows, then the remainder.
+template <int NT, int MB_MAX, bool INT4>
+TGT void rows_avx512(const Args& a, int64_t t, int64_t M) {
+  int64_t m = 0;
+  for (; m + MB_MAX <= M; m += MB_MAX) tile_avx512<MB_MAX, NT, INT4>(a, t, m);
+  switch (M - m) {
+    case 7: if constexpr (MB_MAX > 7) tile_avx512<7, NT, INT4>(a, t, m); break;
+    case 6: if constexpr (MB_MAX > 6) tile_avx512<6, NT, INT4>(a, t, m); break;
+    case 5: if constexpr (MB_MAX > 5) tile_avx512<5, NT, INT4>(a, t, m); break;
+    case 4: if constexpr (MB_MAX > 4) tile_avx512<4, NT, INT4>(a, t, m); break;
+    case 3: tile_avx512<3, NT, INT4>(a, t, m); break;
+    case 2: tile_avx512<2, NT, INT4>(a, t, m); break;
+    case 1: tile_avx512<1, NT, INT4>(a, t, m); break;
+    default: break;
+  }
+}
+
+// Tiles [t0, t1) for all M rows: pairs of tiles x 4 rows when there are several rows (each broadcast activation
+// word then feeds two tiles), single tiles x up to 8 rows otherwise.
+template <bool INT4>
+TGT void tiles_avx512(const Args& a, int64_t t0, int64_t t1, int64_t M) {
+  int64_t t = t0;
+  if (M >= 4)
+    for (; t + 2 <= t1; t += 2) rows_avx512<2, 4, INT4>(a, t, M);
+  for (; t < t1; ++t) rows_avx512<1, 8, INT4>(a, t, M);
+}
+#endif
+
+template <bool INT4>
+void tile_rows_scalar(const Args& a, int64_t tile, int64_t M, int valid) {
+  const int64_t K = a.K, G = a.G, nb = K / XB, ng = K / G, bpg = G / XB;
+  const int64_t chunk_k = INT4 ? 8 : 4;
+  const uint8_t* w = a.w + tile * (K / chunk_k) * 64;
+  const uint16_t* dt = a.d + tile * ng * TILE;
+  for (int64_t m = 0; m < M; ++m) {
+    const int8_t* xq = a.xq + m * K;
+    for (int r = 0; r < valid; ++r) {
+      float acc = a.bias ? a.bias[tile * TILE + r] : 0.f;
+      for (int64_t g = 0; g < ng; ++g) {
+        float accg = 0.f;
+        for (int64_t b = g * bpg; b < (g + 1) * bpg; ++b) {
+          int32_t idot = 0;
+          for (int64_t k = b * XB; k < (b + 1) * XB; ++k) {
+            int q;
+            if (INT4) {
+              const uint8_t byte = w[(k / 8) * 64 + r * 4 + (k % 4)];
+              q = (k % 8) < 4 ? (byte & 0x0F) : (byte >> 4);
+            } else {
+              q = static_cast<int>(w[(k / 4) * 64 + r * 4 + (k % 4)]) - 128;
+            }
+            idot += q * static_cast<int32_t>(xq[k]);
+          }
+          accg += static_cast<float>(idot) * a.dx[m * nb + b];
+        }
+        acc += accg * half_to_float(dt[g * TILE + r]);
+        if (INT4) acc += half_to_float(a.mn[tile * ng * TILE + g * TILE + r]) * a.gsum[m * ng + g];
+      }
+      a.out[m * a.ldo + tile * TILE + r] = acc;
+    }
+  }
+}
+
+template <bool INT4>
+torch::Tensor qlinear(const torch::Tensor& x_in, const torch::Tensor& w, const torch::Tensor& d,
+                      const c10::optional<torch::Tensor>& mn, const c10::optional<torch::Tensor>& bias, int64_t N,
+                      int64_t G) {
+  TORCH_CHECK(x_in.dim() >= 1 && x_in.is_floating_point() && x_in.device().is_cpu(), "x must be a float CPU tensor (..., K)");
+  const int64_t K = x_in.size(-1);
+  const torch::Tensor x = (x_in.dim() == 2 && x_in.scalar_type() == torch::kFloat && x_in.is_contiguous())
+                              ? x_in : x_in.reshape({-1, K}).to(torch::kFloat).contiguous();
+  TORCH_CHECK(w.scalar_type() == torch::kUInt8 && w.is_contiguous(), "packed weight must be contiguous uint8");
+  TORCH_CHECK(d.scalar_type() == torch::kHalf && d.is_contiguous(), "scales must be contiguous float16");
+  const int64_t M = x.size(0);
+  TORCH_CHECK(K % XB == 0 && G % XB == 0 && K % G == 0, "K and the group size must be multiples of 32, K of G");
+  const int64_t T = (N + TILE - 1) / TILE, ng = K / G;
+  TORCH_CHECK(w.numel() == T * TILE * K / (INT4 ? 2 : 1), "packed weight has the wrong size for N, K");
+  TORCH_CHECK(d.numel() == T * ng * TILE, "scales have the wrong size");
+  const uint16_t* mnp = nullptr;
+  if (INT4) {
+    TORCH_CHECK(mn.has_value() && mn->scalar_type() == torch::kHalf && mn->is_contiguous() && mn->numel() == d.numel(),
+                "int4 needs float16 mins shaped like the scales");
+    mnp = reinterpret_cast<const uint16_t*>(mn->data_ptr<at::Half>());
+  }
+  const float* bp = nullptr;
+  if (bias.has_value() && bias->defined()) {
+    TORCH_CHECK(bias->numel() == N && bias->scalar_type() == torch::kFloat && bias->is_contiguous(),
+                "bias must be contiguous float32 with N elements");
+    bp = bias->data_ptr<float>();
+  }
+  std::vector<int64_t> out_shape(x_in.sizes().begin(), x_in.sizes().end());
+  out_shape.back() = N;
+  auto out = torch::empty(out_shape, x.options());
+  if (M == 0 || N == 0) return out.to(x_in.scalar_type());
+  const bool avx = use_avx512() && !g_force_scalar;
+  thread_local QuantX q;
+  quantize_x(x.data_ptr<float>(), M, K, G, avx, q);
+  Args a{w.data_ptr<uint8_t>(), reinterpret_cast<const uint16_t*>(d.data_ptr<at::Half>()), mnp, q.xq.data(),
+         q.dx.data(), q.isum.data(), q.gsum.data(), bp,
+         out.data_ptr<float>(), K, G, N};
+  // ~16 KB of weights per task at least, so tiny layers do not pay for waking threads they cannot feed
+  const int64_t tile_bytes = TILE * K / (INT4 ? 2 : 1);
+  const int64_t grain = std::max<int64_t>(1, (16384 / std::max<int64_t>(1, M)) / tile_bytes);
+  const auto tiles = [&](int64_t t0, int64_t t1) {
+#if PROSA_X86
+    if (avx) { tiles_avx512<INT4>(a, t0, t1, M); return; }
+#endif
+    for (int64_t t = t0; t < t1; ++t)
+      tile_rows_scalar<INT4>(a, t, M, static_cast<int>(std::min<int64_t>(TILE, N - t * TILE)));
+  };
+  // at::parallel_for enters an OpenMP region even for one task; skip it when there is nothing to share
+  if (T <= grain || at::get_num_threads() == 1) tiles(0, T); else at::parallel_for(0, T, grain, tiles);
+  return out.scalar_type() == x_in.scalar_type() ? out : out.to(x_in.scalar_type());
+}
+
+}  // namespace
+
+torch::Tensor linear_int8(const torch::Tensor& x, const torch::Tensor& w, const torch::Tensor& d,
+                          const c10::optional<torch::Tensor>& bias, int64_t N, int64_t G) {
+  return qlinear<false>(x, w, d, c10::nullopt, bias, N, G);
+}
+
+torch::Tensor linear_int4(const torch::Tensor& x, const torch::Tensor& w, const torch::Tensor& d,
+                          const torch::Tensor& mn, const c10::optional<torch::Tensor>& bias, int64_t N, int64_t G) {
+  return qlinear<true>(x, w, d, mn, bias, N, G);
+}
+
+std::string isa() { return (use_avx512() && !g_force_scalar) ? "avx512_vnni" : "scalar"; }
+void force_scalar(bool on) { g_force_scalar = on; }
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("linear_int8", &linear_int8, "y = x @ W^T + b, W row-interleaved int8 (stored +128) with fp16 group scales",
+        py::call_guard<py::gil_scoped_release>());
+  m.def("linear_int4", &linear_int4, "y = x @ W^T + b, W row-interleaved int4 with fp16 group scales and mins",
+        py::call_guard<py::gil_scoped_release>());
+  m.def("isa", &isa, "the code path in use: avx512_vnni or scalar");
+  m.def("force_scalar", &force_scalar, "use the portable path even where AVX-512 VNNI is available (tests)");
+}
