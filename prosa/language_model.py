@@ -57,17 +57,24 @@ class GenerationResult:
     settings: dict[str, Any] = field(default_factory=dict)
 
 
-@dataclass
-class Chunk:
-    """A piece of streamed text with the token ids that produced it (``str(chunk)`` is the text)."""
+class Chunk(str):
+    """A piece of streamed text (a ``str``: join, print or compare it as text) carrying the token ids that
+    produced it, the finish reason on the last piece, and log-probabilities when requested."""
 
-    text: str
     token_ids: list[int]
-    finish_reason: str | None = None
-    logprobs: list[TokenLogprob] | None = None
+    finish_reason: str | None
+    logprobs: list[TokenLogprob] | None
 
-    def __str__(self) -> str:
-        return self.text
+    def __new__(cls, text: str, token_ids: list[int], finish_reason: str | None = None,
+                logprobs: list[TokenLogprob] | None = None) -> "Chunk":
+        chunk = super().__new__(cls, text)
+        chunk.token_ids, chunk.finish_reason, chunk.logprobs = token_ids, finish_reason, logprobs
+        return chunk
+
+    @property
+    def text(self) -> str:
+        """The piece as a plain ``str``."""
+        return str.__str__(self)
 
 
 @dataclass

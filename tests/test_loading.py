@@ -188,19 +188,21 @@ def test_truncated_gguf_on_the_cli(tmp_path, bundled_gguf):
 
 
 MEMORY_PROBE = """
-import resource, sys, torch
+import sys, torch
 import prosa
 torch.set_num_threads(1)
-def rss_mb():
+def status_mb(key):
     with open('/proc/self/status') as f:
-        return next(int(l.split()[1]) for l in f if l.startswith('VmRSS')) / 1024
+        return next(int(l.split()[1]) for l in f if l.startswith(key)) / 1024
+def rss_mb():
+    return status_mb('VmRSS')
 from prosa.loader import build_model, open_checkpoint
 ck = open_checkpoint(sys.argv[1])
 build_model(ck.config)        # first use pulls in torch's meta-device machinery (~75 MB of code), not weights
 ck.tokenizer()
 base = rss_mb()
 lm = prosa.load(sys.argv[1], dtype=sys.argv[2])
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+peak = status_mb('VmHWM')   # not ru_maxrss: that keeps the forked parent's size across exec
 weights = sum(p.numel() * p.element_size() for p in lm.model.parameters()) / 2**20
 print(base, peak, weights)
 """

@@ -292,14 +292,6 @@ def test_zero_probability_tokens_are_never_drawn():
     assert all(int(make_sampler([SamplingParams()])(one, [gen])) == 2 for _ in range(50))
 
 
-def test_transitional_float_sampler():
-    logits = torch.tensor([[0.0, 2.0, 1.0]]).repeat(3, 1)
-    assert make_sampler(0)(logits, []).tolist() == [1, 1, 1]
-    a = make_sampler(0.8)(logits, make_generators([1, 2, 3]))
-    b = make_sampler([SamplingParams(temperature=0.8)] * 3)(logits / 0.8, make_generators([1, 2, 3]))
-    assert torch.equal(a, b)
-
-
 def test_a_fully_banned_row_raises():
     with pytest.raises(ValueError, match="sequence 1"):
         make_sampler([SamplingParams()] * 2)(torch.tensor([[0.0, 1.0], [-INF, -INF]]), make_generators([0, 1]))
