@@ -5,10 +5,11 @@
     >>> print(lm.generate("A story about a man and a dog", max_new_tokens=40, seed=0).text)
 """
 from .errors import CorruptModelError, ModelNotFoundError, ProsaError, UnsupportedModelError
+from .chat import Chat
 from .language_model import Chunk, GenerationResult, LanguageModel, TokenLogprob
 from .loader import load
 from .pipeline import pipeline
 
 __version__ = "0.1.0"
-__all__ = ["load", "pipeline", "LanguageModel", "GenerationResult", "Chunk", "TokenLogprob", "ProsaError", "ModelNotFoundError",
+__all__ = ["load", "pipeline", "Chat", "LanguageModel", "GenerationResult", "Chunk", "TokenLogprob", "ProsaError", "ModelNotFoundError",
            "UnsupportedModelError", "CorruptModelError"]

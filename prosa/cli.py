@@ -6,7 +6,7 @@ import argparse
 import importlib
 import sys
 
-VERBS = ["generate", "info", "perplexity"]
+VERBS = ["generate", "info", "chat", "perplexity"]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -113,8 +113,17 @@ class KVCache:
         Used to drop finished sequences and to give ``n`` samples of one prompt that prompt's cache.
         """
         index = index.to(self.valid.device)
-        self.keys = [k.index_select(0, index) if k is not None else None for k in self.keys]
-        self.values = [v.index_select(0, index) if v is not None else None for v in self.values]
+
+        def pick(buf: torch.Tensor | None) -> torch.Tensor | None:
+            # Copy only the used slots; the spare capacity stays unwritten.
+            if buf is None:
+                return None
+            out = buf.new_empty(len(index), *buf.shape[1:])
+            out[:, :, :self.offset] = buf[index, :, :self.offset]
+            return out
+
+        self.keys = [pick(k) for k in self.keys]
+        self.values = [pick(v) for v in self.values]
         self.valid = self.valid.index_select(0, index)
         self.lengths = self.lengths.index_select(0, index)
         self.batch_size = len(index)
