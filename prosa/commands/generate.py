@@ -93,9 +93,17 @@ def run(args: argparse.Namespace) -> int:
     if args.batch_size < 1:
         raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
     import prosa
+    from ..language_model import SAMPLING_FIELDS
+    from ..sampling import SamplingParams
 
     kw = sampling_kwargs(args)
     kw.update(n=args.n, logprobs=args.logprobs, ignore_eos=args.ignore_eos, max_length=args.max_length)
+    # Check what can be checked before spending seconds on loading the model.
+    SamplingParams(**{k: v for k, v in kw.items() if k in SAMPLING_FIELDS})
+    if args.n < 1:
+        raise ValueError(f"n must be an integer >= 1, got {args.n}")
+    if args.max_new_tokens is not None and args.max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be an integer >= 0, got {args.max_new_tokens}")
     if args.file:
         try:
             with open(args.file, encoding="utf-8") as f:
