@@ -228,7 +228,8 @@ def stream_generate(model: nn.Module, tokenizer: "Tokenizer", requests: Sequence
     want_logprobs = any(s.req.logprobs is not None for s in live)
     while True:
         raw = logits
-        tokens = sampler(apply(processors, raw.clone(), history), generators)          # (B,)
+        # Processors return new tensors (never modify their input), so `raw` stays the model's own logits.
+        tokens = sampler(apply(processors, raw, history), generators)                  # (B,)
         history.append(tokens)
         if want_logprobs:
             lp = torch.log_softmax(raw, dim=-1)
@@ -279,4 +280,4 @@ def stream_generate(model: nn.Module, tokenizer: "Tokenizer", requests: Sequence
         else:
             logits = model(tokens[:, None], cache)[:, -1].float()
         if prompt_cache is not None:
-            prompt_cache.tokens = list(live[0].tokens)
+            prompt_cache.tokens.append(live[0].tokens[-1])   # the token just run through the model

@@ -494,3 +494,16 @@ def test_factories_check_their_arguments():
         S.presence_frequency_penalty([0.0], [9.0])
     with pytest.raises(ValueError, match="built for 2"):
         S.top_k([1, 2])(torch.zeros(3, 4), history([[0]] * 3, 4))
+
+
+def test_processors_do_not_modify_their_input():
+    """generate.py relies on it: the raw logits are reused for logprobs after processing."""
+    params = [SamplingParams(temperature=0.7, top_k=3, top_p=0.9, min_p=0.05, typical_p=0.9, repetition_penalty=1.3,
+                             presence_penalty=0.5, frequency_penalty=0.5, no_repeat_ngram_size=2,
+                             logit_bias={1: 2.0}, bad_words_ids=((4,), (2, 3)), min_new_tokens=5)]
+    history = TokenHistory([[1, 2, 3, 2]], 10)
+    history.append(torch.tensor([3]))
+    logits = torch.randn(1, 10)
+    before = logits.clone()
+    out = apply(make_logits_processors(params, [0], 10), logits, history)
+    assert torch.equal(logits, before) and not torch.equal(out, before)
