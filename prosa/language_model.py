@@ -87,6 +87,8 @@ class LanguageModel:
         config: the Hugging Face config dict (from config.json or GGUF metadata).
         generation_config: generation defaults (generation_config.json), possibly empty.
         name: what it was loaded from (path or Hub id).
+        quantize: the weight format it runs in: "none" (float, see ``dtype``), "bf16", "int8" or "int4".
+        weights: how the layers are stored, e.g. "210 x int4 (GGUF Q4_1, exact), 1 x int8 (GGUF Q8_0, exact)".
     """
 
     model: torch.nn.Module
@@ -95,6 +97,8 @@ class LanguageModel:
     generation_config: dict[str, Any] = field(default_factory=dict)
     name: str = ""
     path: Path | None = None
+    quantize: str = "none"
+    weights: str = ""
 
     @property
     def context_length(self) -> int:
@@ -196,6 +200,7 @@ class LanguageModel:
 
         p = req.params
         return {"model": self.name, "prosa_version": __version__, "dtype": str(self.dtype).replace("torch.", ""),
+                "quantize": self.quantize,
                 "seed": req.seed + sample, "max_new_tokens": req.max_new_tokens, "stop": list(req.stop),
                 "n": req.n, "logprobs": req.logprobs, "context_overflow": context_overflow,
                 "ignore_eos": req.ignore_eos,

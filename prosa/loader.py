@@ -6,6 +6,8 @@ the meta device, so peak memory stays near the size of the weights in that dtype
 from __future__ import annotations
 
 import json
+import logging
+import math
 import os
 import sys
 from dataclasses import dataclass
@@ -23,6 +25,7 @@ from .weights import hub
 if TYPE_CHECKING:
     from .tokenizer import Tokenizer
 
+log = logging.getLogger("prosa")
 DEFAULT_HUB_MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
            "float16": torch.float16, "fp16": torch.float16}
@@ -109,12 +112,21 @@ class Checkpoint:
     fmt: str                                # "safetensors", "pytorch", "gguf"
     gguf: Any = None                        # prosa.weights.gguf.GGUFCheckpoint for GGUF files
 
-    def tensors(self, dtype: torch.dtype | None = None) -> Iterator[tuple[str, torch.Tensor]]:
-        """(checkpoint name, tensor) one at a time; floating-point tensors in ``dtype`` when given."""
+    def tensors(self, dtype: torch.dtype | None = None,
+                skip: frozenset[str] = frozenset()) -> Iterator[tuple[str, torch.Tensor]]:
+        """(checkpoint name, tensor) one at a time but for the names in ``skip``; floating-point tensors in
+        ``dtype`` when given."""
         if self.gguf is not None:
-            return self.gguf.tensors(dtype or torch.float32)
+            return self.gguf.tensors(dtype or torch.float32, skip)
         from .weights.safetensors import iter_tensors
-        return iter_tensors(self.path, dtype)
+        return iter_tensors(self.path, dtype, skip)
+
+    def tensor_shapes(self) -> dict[str, tuple[int, ...]] | None:
+        """Checkpoint name -> shape, without reading weights (None for pytorch_model.bin checkpoints)."""
+        if self.gguf is not None:
+            return self.gguf.tensor_shapes()
+        from .weights.safetensors import tensor_shapes
+        return tensor_shapes(self.path)
 
     def tokenizer(self) -> "Tokenizer":
         if self.gguf is not None:
@@ -161,23 +173,43 @@ def build_model(config: dict[str, Any]) -> torch.nn.Module:
 
 
 def load(name_or_path: str | os.PathLike | None = None, *, dtype: str | torch.dtype = "auto",
-         revision: str | None = None, device: str | torch.device | None = None) -> LanguageModel:
+         quantize: str = "auto", revision: str | None = None, device: str | torch.device | None = None,
+         threads: int | None = None) -> LanguageModel:
     """Load a model ready to generate.
 
     Args:
         name_or_path: a Hugging Face folder, a ``.gguf`` file (or a folder holding one), a Hub id such as
             ``gpt2`` or ``org/name``; None -> ``$PROSA_MODEL`` or the bundled SmolLM2-135M-Instruct.
         dtype: "auto" (the checkpoint's own when the hardware runs it well, else float32), "float32",
-            "bfloat16" or "float16".
+            "bfloat16" or "float16": the dtype of the weights kept in float, and of the activations.
+        quantize: the weight format. "none": float (``dtype``; a GGUF file's blocks are dequantized, as
+            transformers does). "bf16": bfloat16 weights. "int8" / "int4": weight-only, group-wise (32) integers;
+            int4 keeps the output layer in int8; a GGUF's Q8_0 / Q4_0 / Q4_1 blocks are repacked exactly.
+            "auto" (default): a GGUF file as stored (its blocks repacked, no float copy); a float checkpoint in
+            float if that takes at most half the available RAM, else int8, else int4 (``choose_quantize``). The
+            choice is logged on the ``prosa`` logger and kept in ``LanguageModel.quantize`` / ``.weights``.
         revision: Hub branch, tag or commit.
         device: "cpu", "cuda", or None/"auto" (CUDA when available).
+        threads: CPU threads for the matmuls (``torch.set_num_threads``, process-wide); None keeps the current
+            setting (PyTorch's default is one per physical core).
     Returns:
         a ``LanguageModel``.
     """
+    if quantize not in QUANTIZE_MODES:
+        raise ValueError(f"quantize must be one of {', '.join(QUANTIZE_MODES)}; got {quantize!r}")
+    if threads is not None:
+        if not isinstance(threads, int) or threads < 1:
+            raise ValueError(f"threads must be a positive integer; got {threads!r}")
+        torch.set_num_threads(threads)
     ck = open_checkpoint(name_or_path, revision)
     dev = resolve_device(device)
     checkpoint_dtype = ck.config.get("torch_dtype") or ck.config.get("dtype")
     dt = resolve_dtype(dtype, None if ck.fmt == "gguf" else checkpoint_dtype, dev)
+    mode, why = choose_quantize(ck, dt, dev) if quantize == "auto" else (quantize, "")
+    if mode == "bf16":
+        if dtype not in ("auto", torch.bfloat16, "bfloat16", "bf16"):
+            raise ValueError(f"quantize='bf16' stores the weights in bfloat16; it conflicts with dtype={dtype!r}")
+        dt = torch.bfloat16
     try:
         model = build_model(ck.config)
     except UnsupportedModelError:
@@ -188,29 +220,93 @@ def load(name_or_path: str | os.PathLike | None = None, *, dtype: str | torch.dt
         print(f"prosa: note: model_type {ck.config.get('model_type')!r} has no native implementation; "
               "running it through transformers (the slow path)", file=sys.stderr)
         model = hf_fallback.load(ck.path, dt, dev)
+        mode, summary = ("bf16" if dt == torch.bfloat16 else "none"), "transformers"
     else:
-        _load_weights(model, ck, dt, dev)
+        from .weights.assemble import load_weights
+
+        summary = load_weights(model, ck, dt, dev, "none" if mode == "bf16" else mode).summary()
     model.eval()
+    if quantize == "auto":
+        log.info("quantize=auto chose %s (%s): %s", mode, why, summary)
     return LanguageModel(model=model, tokenizer=ck.tokenizer(), config=ck.config,
-                         generation_config=ck.generation_config, name=ck.source, path=ck.path)
+                         generation_config=ck.generation_config, name=ck.source, path=ck.path,
+                         quantize=mode, weights=summary + (f"; auto: {why}" if why else ""))
 
 
-def _load_weights(model: torch.nn.Module, ck: Checkpoint, dtype: torch.dtype, device: torch.device) -> None:
-    state: dict[str, torch.Tensor] = {}
-    for name, tensor in ck.tensors(dtype):
-        # Integer/bool buffers (old GPT-2 attention masks) keep their dtype; sanitize drops them.
-        state[name] = tensor.to(device) if tensor.is_floating_point() else tensor
-    state = model.sanitize(state)
-    expected = set(model.state_dict())
-    missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
-    if missing or unexpected:
-        def show(names):
-            return ", ".join(names[:5]) + (f" (+{len(names) - 5} more)" if len(names) > 5 else "")
-        raise CorruptModelError(
-            f"{ck.path}: weights do not match the {ck.config.get('model_type')} architecture its config "
-            f"describes (missing: {show(missing) or 'none'}; unexpected: {show(unexpected) or 'none'}); "
-            "the checkpoint is incomplete or its config.json belongs to another model")
+# ------------------------------------------------------------------------------------------------ quantize=auto
+QUANTIZE_MODES = ("auto", "none", "bf16", "int8", "int4")
+_EMBEDDINGS = ("embed_tokens.weight", "wte.weight", "wpe.weight", "embed_in.weight")
+_GGUF_NATIVE = {"Q4_0": "int4", "Q4_1": "int4", "Q4_K": "int4", "Q5_0": "int8", "Q5_1": "int8", "Q5_K": "int8",
+                "Q6_K": "int8", "Q8_0": "int8", "Q2_K": "int4", "Q3_K": "int4"}
+
+
+def estimate_bytes(shapes: dict[str, tuple[int, ...]], mode: str, dtype: torch.dtype, tied: bool = True) -> int:
+    """Bytes of the weights of a checkpoint with these tensor shapes when loaded in ``mode``.
+
+    int8 costs 1 byte per weight plus an fp16 scale per 32; int4 half a byte plus an fp16 scale and min per 32
+    (its output layer int8). Embeddings, norms and biases stay in ``dtype``; a tied output layer gets its own
+    quantized copy of the embedding.
+    """
+    fsize = 2 if mode == "bf16" else torch.empty(0, dtype=dtype).element_size()
+    rate = {"int8": 1 + 2 / 32, "int4": 0.5 + 4 / 32}.get(mode)
+    total = 0.0
+    embed = 0
+    for name, shape in shapes.items():
+        n = math.prod(shape)
+        if name.endswith(_EMBEDDINGS):
+            embed = max(embed, n)
+        total += n * (rate if rate and len(shape) == 2 and not name.endswith(_EMBEDDINGS) else fsize)
+    if rate and tied:
+        total += embed * (1 + 2 / 32)
+    return int(total)
+
+
+def available_memory() -> int | None:
+    """Bytes of RAM available to a new allocation (``MemAvailable``), or None when unknown."""
     try:
-        model.load_state_dict(state, strict=True, assign=True)
-    except RuntimeError as e:
-        raise CorruptModelError(f"{ck.path}: weight shapes do not match its config.json ({str(e).splitlines()[-1].strip()})") from None
+        with open("/proc/meminfo", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError):
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def choose_quantize(ck: Checkpoint, dtype: torch.dtype, device: torch.device,
+                    available: int | None = None) -> tuple[str, str]:
+    """What ``quantize="auto"`` picks for this checkpoint, and why (one line).
+
+    A GGUF file runs as stored (Q4 blocks -> int4, Q8_0 -> int8, float -> none) when that fits in the available
+    RAM; a float checkpoint stays float when that takes at most half the available RAM (room for the rest of the
+    machine), else int8 when that fits, else int4. On CUDA the weights stay float.
+    """
+    if device.type != "cpu":
+        return "none", f"float weights on {device.type}"
+    shapes = ck.tensor_shapes()
+    available = available_memory() if available is None else available
+    if shapes is None or available is None:
+        return "none", "memory unknown: float weights"
+    tied = bool(ck.config.get("tie_word_embeddings", True))
+    need = {m: estimate_bytes(shapes, m, dtype, tied) for m in ("none", "int8", "int4")}
+    gb = lambda b: f"{b / 1e9:.2f} GB"  # noqa: E731
+    free = f"{gb(available)} RAM available"
+    if ck.gguf is not None:
+        types = ck.gguf.tensor_types()
+        counts: dict[str, int] = {}
+        for name, shape in shapes.items():
+            if len(shape) == 2 and not name.endswith(_EMBEDDINGS):
+                counts[types[name]] = counts.get(types[name], 0) + math.prod(shape)
+        stored = max(counts, key=counts.get) if counts else "F32"
+        native = _GGUF_NATIVE.get(stored, "none")
+        if need[native] <= 0.8 * available:
+            return native, f"the file stores {stored}; {gb(need[native])} as {native}, {free}"
+    if need["none"] <= 0.5 * available:
+        return "none", f"{gb(need['none'])} in {str(dtype).replace('torch.', '')}, {free}"
+    if need["int8"] <= 0.8 * available:
+        return "int8", f"float needs {gb(need['none'])}, int8 {gb(need['int8'])}; {free}"
+    note = "" if need["int4"] <= 0.8 * available else " (more than fits: expect swapping)"
+    return "int4", f"int8 needs {gb(need['int8'])}, int4 {gb(need['int4'])}{note}; {free}"

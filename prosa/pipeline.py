@@ -1010,6 +1010,7 @@ def pipeline(task: str | None = None, model: Any = None, config: Any = None, tok
         pipeline_class: a ``TextGenerationPipeline`` subclass to build.
         batch_size, num_workers, generation parameters, pipeline parameters: defaults for every call (see
             ``TextGenerationPipeline.__call__``).
+        quantize: (prosa) the weight format, as for ``prosa.load``: "auto" (default), "none", "bf16", "int8", "int4".
         use_task_specific_params: (prosa) apply ``task_specific_params["text-generation"]`` of ``config.json``
             over the model's generation config, as transformers 4.x did (5.x ignores them).
     Returns:
@@ -1054,6 +1055,7 @@ def pipeline(task: str | None = None, model: Any = None, config: Any = None, tok
             device = device_map
     for name in ("local_files_only", "code_revision", "_commit_hash"):
         kwargs.pop(name, None)
+    quantize = kwargs.pop("quantize", None) or model_kwargs.pop("quantize", "auto")
     dev = _device(device)
 
     from .language_model import LanguageModel
@@ -1061,7 +1063,8 @@ def pipeline(task: str | None = None, model: Any = None, config: Any = None, tok
 
     if model is None or isinstance(model, (str, os.PathLike)):
         with _env("HF_TOKEN", token if isinstance(token, str) else None):
-            lm = load(None if model is None else str(model), dtype=dtype, revision=revision, device=dev)
+            lm = load(None if model is None else str(model), dtype=dtype, revision=revision, device=dev,
+                      quantize=quantize)
     elif isinstance(model, LanguageModel):
         lm = model
         if dev is not None and torch.device(dev) != lm.device:

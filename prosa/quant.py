@@ -12,9 +12,10 @@ these formats exactly, so ``QuantizedLinear.from_gguf`` repacks their blocks wit
 
 Backends (``QuantizedLinear.backend``), each with its own weight layout:
 
-- ``"prosa"``: the C++ kernels in ``prosa/csrc/qlinear.cpp`` (AVX-512 VNNI with a portable scalar path), compiled
-  by ``torch.utils.cpp_extension`` on request (``build_kernels()`` or ``$PROSA_BUILD_KERNELS=1``; ~1 min, then
-  cached under ``~/.cache/prosa/kernels``), see ``kernels()``. Weights row-interleaved 16 rows at a time;
+- ``"prosa"``: the C++ kernels in ``prosa/csrc/qlinear.cpp`` (AVX-512 VNNI with a portable scalar path), built
+  by the package build as ``prosa._qlinear`` (setup.py), or else compiled at run time on request
+  (``build_kernels()`` or ``$PROSA_BUILD_KERNELS=1``; ~1 min, then cached under ``~/.cache/prosa/kernels``), see
+  ``kernels()``. Weights row-interleaved 16 rows at a time;
   activations are quantized to int8 per 32 values on the fly (as llama.cpp does), so results differ from the
   float reference by that rounding (~0.4% relative per layer, ~1.5% on SmolLM2-135M logits), not only by
   the weight quantization.
@@ -67,36 +68,47 @@ def _build_dir() -> Path:
 def kernels(build: bool | None = None):
     """The compiled prosa kernel module, or None when unavailable.
 
+    Looks for, in order: the extension built with the package (``prosa._qlinear``), a build cached by an earlier
+    run-time compile, and (when ``build``) compiles one now.
+
     Args:
-        build: compile the extension if no build is cached (needs a C++ compiler; ~1 min). None follows
-            ``$PROSA_BUILD_KERNELS`` ("1" to build; default: only load a cached build). ``$PROSA_KERNELS=0``
-            disables the kernels altogether.
+        build: compile the extension if neither exists (needs a C++ compiler; ~1 min). None follows
+            ``$PROSA_BUILD_KERNELS`` ("1" to build; default: no compiling). ``$PROSA_KERNELS=0`` disables the
+            kernels altogether (PyTorch fallbacks only).
     """
     global _ext, _ext_error
-    if _ext is not None or os.environ.get("PROSA_KERNELS") == "0":
+    if os.environ.get("PROSA_KERNELS") == "0":
+        return None
+    if _ext is not None:
         return _ext
     if build is None:
         build = os.environ.get("PROSA_BUILD_KERNELS") == "1"
     with _ext_lock:
         if _ext is not None:
             return _ext
-        folder = _build_dir()
-        so = folder / "prosa_qlinear.so"
         try:
-            if so.is_file():
-                spec = importlib.util.spec_from_file_location("prosa_qlinear", so)
-                mod = importlib.util.module_from_spec(spec)
-                spec.loader.exec_module(mod)
-                _ext = mod
-            elif build:
-                from torch.utils.cpp_extension import load
+            from . import _qlinear  # built by setup.py against the installed torch
+            _ext = _qlinear
+        except ImportError as e:  # not built, or built against another torch (undefined symbols)
+            _ext_error = f"prosa._qlinear: {e}"
+        if _ext is None:
+            folder = _build_dir()
+            so = folder / "prosa_qlinear.so"
+            try:
+                if so.is_file():
+                    spec = importlib.util.spec_from_file_location("prosa_qlinear", so)
+                    mod = importlib.util.module_from_spec(spec)
+                    spec.loader.exec_module(mod)
+                    _ext = mod
+                elif build:
+                    from torch.utils.cpp_extension import load
 
-                folder.mkdir(parents=True, exist_ok=True)
-                # No -march: the AVX-512 code is compiled per function (target attributes) and chosen at run time.
-                _ext = load(name="prosa_qlinear", sources=[str(_CSRC)], build_directory=str(folder),
-                            extra_cflags=["-O3", "-fopenmp"], extra_ldflags=["-fopenmp"], verbose=False)
-        except Exception as e:  # noqa: BLE001 - no compiler, bad toolchain ...: fall back to other backends
-            _ext_error = f"{type(e).__name__}: {e}"
+                    folder.mkdir(parents=True, exist_ok=True)
+                    # No -march: the AVX-512 code is compiled per function (target attributes), chosen at run time.
+                    _ext = load(name="prosa_qlinear", sources=[str(_CSRC)], build_directory=str(folder),
+                                extra_cflags=["-O3", "-fopenmp"], extra_ldflags=["-fopenmp"], verbose=False)
+            except Exception as e:  # noqa: BLE001 - no compiler, bad toolchain ...: fall back to other backends
+                _ext_error = f"{type(e).__name__}: {e}"
         if _ext is not None:
             _register_ops(_ext)
         return _ext
@@ -141,6 +153,15 @@ def _check_groups(k: int, group_size: int) -> None:
         raise ValueError(f"in_features={k} is not a multiple of group_size={group_size}")
 
 
+_CHUNK = 1 << 20   # weights quantized per step: bounds the float temporaries to a few MB whatever the layer
+
+
+def _row_chunks(n: int, k: int):
+    """Row slices of about ``_CHUNK`` weights each."""
+    step = max(1, _CHUNK // max(k, 1))
+    return (slice(r, min(n, r + step)) for r in range(0, n, step))
+
+
 def quantize_int8(w: torch.Tensor, group_size: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Symmetric int8: ``w ~= d * q`` per group of ``group_size`` inputs (None: per output channel).
 
@@ -150,12 +171,15 @@ def quantize_int8(w: torch.Tensor, group_size: int | None = None) -> tuple[torch
     n, k = w.shape
     g = group_size or k
     _check_groups(k, g)
-    wg = w.detach().float().reshape(n, k // g, g)
-    d = (wg.abs().amax(-1) / 127).to(torch.float16)
-    d32 = d.float()
-    inv = torch.where(d32 > 0, 1 / d32, torch.zeros_like(d32))
-    q = torch.round(wg * inv[..., None]).clamp_(-127, 127).to(torch.int8)
-    return q.reshape(n, k), d
+    q = torch.empty(n, k, dtype=torch.int8, device=w.device)
+    d = torch.empty(n, k // g, dtype=torch.float16, device=w.device)
+    for rows in _row_chunks(n, k):
+        wg = w[rows].detach().float().reshape(-1, k // g, g)
+        d[rows] = (wg.abs().amax(-1) / 127).to(torch.float16)
+        d32 = d[rows].float()
+        inv = torch.where(d32 > 0, 1 / d32, torch.zeros_like(d32))
+        q[rows] = torch.round(wg * inv[..., None]).clamp_(-127, 127).to(torch.int8).reshape(-1, k)
+    return q, d
 
 
 def quantize_int4(w: torch.Tensor, group_size: int = 32) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -166,14 +190,19 @@ def quantize_int4(w: torch.Tensor, group_size: int = 32) -> tuple[torch.Tensor, 
     """
     n, k = w.shape
     _check_groups(k, group_size)
-    wg = w.detach().float().reshape(n, k // group_size, group_size)
-    lo, hi = wg.amin(-1), wg.amax(-1)
-    d = ((hi - lo) / 15).to(torch.float16)
-    m = lo.to(torch.float16)
-    d32 = d.float()
-    inv = torch.where(d32 > 0, 1 / d32, torch.zeros_like(d32))
-    q = torch.round((wg - m.float()[..., None]) * inv[..., None]).clamp_(0, 15).to(torch.uint8)
-    return q.reshape(n, k), d, m
+    q = torch.empty(n, k, dtype=torch.uint8, device=w.device)
+    d = torch.empty(n, k // group_size, dtype=torch.float16, device=w.device)
+    m = torch.empty_like(d)
+    for rows in _row_chunks(n, k):
+        wg = w[rows].detach().float().reshape(-1, k // group_size, group_size)
+        lo, hi = wg.amin(-1), wg.amax(-1)
+        d[rows] = ((hi - lo) / 15).to(torch.float16)
+        m[rows] = lo.to(torch.float16)
+        d32 = d[rows].float()
+        inv = torch.where(d32 > 0, 1 / d32, torch.zeros_like(d32))
+        wg = (wg - m[rows].float()[..., None]).mul_(inv[..., None])   # a new tensor: in place is safe
+        q[rows] = torch.round(wg).clamp_(0, 15).to(torch.uint8).reshape(-1, k)
+    return q, d, m
 
 
 def dequantize_int(q: torch.Tensor, d: torch.Tensor, m: torch.Tensor | None, dtype=torch.float32) -> torch.Tensor:

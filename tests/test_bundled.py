@@ -24,7 +24,7 @@ def gguf_path():
 
 @pytest.fixture(scope="module")
 def lm(gguf_path):
-    return prosa.load(gguf_path, dtype="float32")
+    return prosa.load(gguf_path, dtype="float32", quantize="none")
 
 
 def test_greedy_continuations_equal_transformers(lm, bundled_hf):

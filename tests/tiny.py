@@ -109,3 +109,20 @@ def make_checkpoint(name: str, path: Path, *, safe_serialization: bool = True,
         (path / "model.safetensors").unlink()
     GenerationConfig(bos_token_id=eos_id, eos_token_id=eos_id).save_pretrained(path)
     return path
+
+
+def make_big_llama(path: Path) -> Path:
+    """A Llama checkpoint with ~218 MB of float32 weights in 16 layers (for peak-memory tests), written as two
+    shards so that a layer straddles files; random weights, the tiny tokenizer."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    make_tokenizer_folder(path)
+    config = LlamaConfig(vocab_size=VOCAB_SIZE, hidden_size=512, intermediate_size=1536, num_hidden_layers=16,
+                         num_attention_heads=8, num_key_value_heads=8, max_position_embeddings=CONTEXT,
+                         tie_word_embeddings=True)
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(path, max_shard_size="120MB")
+    return path

@@ -19,7 +19,7 @@ import shlex
 import signal
 import sys
 
-from . import add_model_options
+from . import add_model_options, load_model
 from .generate import PIPELINE_TEMPERATURE, PIPELINE_TOP_K, add_sampling_options, sampling_kwargs
 
 HELP = """\
@@ -63,7 +63,6 @@ def _settings(args: argparse.Namespace) -> dict:
 
 
 def run(args: argparse.Namespace) -> int:
-    import prosa
     from ..chat import Chat, check_settings
 
     settings = check_settings(_settings(args))            # a bad value: ValueError -> usage error, exit 2
@@ -77,7 +76,7 @@ def run(args: argparse.Namespace) -> int:
             raise ValueError("no message: standard input is empty (pass --once MESSAGE or type in a terminal)")
     if interactive:
         print(f"loading {args.model or 'the default model'} ...", file=sys.stderr, flush=True)
-    lm = prosa.load(args.model, dtype=args.dtype, revision=args.revision, device=args.device)
+    lm = load_model(args)
     if args.temperature is None and "do_sample" not in lm.generation_config:
         # as `prosa generate`: a model that states no default samples as transformers' pipeline does
         settings["temperature"] = PIPELINE_TEMPERATURE

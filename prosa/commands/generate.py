@@ -7,7 +7,7 @@ import json
 import sys
 from typing import Any
 
-from . import add_model_options
+from . import add_model_options, load_model
 
 PIPELINE_TEMPERATURE, PIPELINE_TOP_K = 0.7, 50   # transformers' pipeline defaults when sampling
 
@@ -112,7 +112,7 @@ def run(args: argparse.Namespace) -> int:
             raise prosa.ProsaError(f"cannot read --file {args.file}: {e.strerror}") from None
     else:
         prompts = [sys.stdin.read() if args.prompt == "-" else args.prompt]
-    lm = prosa.load(args.model, dtype=args.dtype, revision=args.revision, device=args.device)
+    lm = load_model(args)
     if args.temperature is None and "do_sample" not in lm.generation_config:
         # A model that states no default samples as transformers' text-generation pipeline does (greedy text
         # from small models loops); `--temperature 0` asks for greedy.

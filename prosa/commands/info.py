@@ -23,7 +23,7 @@ def register(sub) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..loader import build_model, open_checkpoint, resolve_device, resolve_dtype
+    from ..loader import build_model, choose_quantize, estimate_bytes, open_checkpoint, resolve_device, resolve_dtype
 
     ck = open_checkpoint(args.model, args.revision)
     cfg = ck.config
@@ -39,6 +39,12 @@ def run(args: argparse.Namespace) -> int:
     run_dtype = resolve_dtype(args.dtype, None if ck.gguf is not None else cfg.get("torch_dtype") or cfg.get("dtype"),
                               resolve_device(args.device))
     run_name = str(run_dtype).replace("torch.", "")
+    device = resolve_device(args.device)
+    mode, why = choose_quantize(ck, run_dtype, device) if args.quantize == "auto" else (args.quantize, "as asked")
+    shapes = ck.tensor_shapes()
+    tied = bool(cfg.get("tie_word_embeddings", True))
+    by_format = (", ".join(f"{m} {_size(estimate_bytes(shapes, m, run_dtype, tied))}"
+                           for m in ("none", "bf16", "int8", "int4")) if shapes else "unknown (pytorch_model.bin)")
     rows = [
         ("model", ck.source),
         ("path", str(ck.path)),
@@ -48,8 +54,8 @@ def run(args: argparse.Namespace) -> int:
                        or getattr(model.args, "num_layers", "?"))),
         ("context length", f"{model.context_length} tokens"),
         ("stored as", f"{ck.fmt}, {stored}"),
-        ("runs as", f"{run_name} ({_size(params * _BYTES[run_name])} of weights)"),
-        ("memory by dtype", ", ".join(f"{d} {_size(params * b)}" for d, b in _BYTES.items() if d != "float16")),
+        ("runs as", f"quantize={mode}, activations {run_name} ({why})"),
+        ("weights by format", by_format),
     ]
     width = max(len(k) for k, _ in rows)
     for k, v in rows:

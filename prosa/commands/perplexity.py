@@ -7,7 +7,7 @@ import argparse
 import json
 import sys
 
-from . import add_model_options
+from . import add_model_options, load_model
 
 
 def register(sub) -> None:
@@ -51,11 +51,10 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"stride must be at most the window ({args.window} tokens), got {args.stride}")
     if args.batch_size < 1:
         raise ValueError(f"batch_size must be an integer >= 1, got {args.batch_size}")
-    import prosa
     from ..perplexity import perplexity, reference_text
 
     text = reference_text() if args.reference else _read(args.file)
-    lm = prosa.load(args.model, dtype=args.dtype, revision=args.revision, device=args.device)
+    lm = load_model(args)
     res = perplexity(lm, text, window=args.window, stride=args.stride, batch_size=args.batch_size,
                      progress=sys.stderr.isatty())
     if args.json:

@@ -171,3 +171,27 @@ def activation(name: str):
     except KeyError:
         raise UnsupportedModelError(
             f"activation {name!r} is not supported (supported: {', '.join(sorted(ACTIVATIONS))})") from None
+
+
+def tie_output(weights: dict[str, torch.Tensor], out: str, embed: str, tied: bool) -> None:
+    """Point the output layer ``out`` at the embedding ``embed`` (the same tensor: no copy) when the model ties
+    them or the checkpoint has no output layer. A no-op on a slice of a checkpoint without the embedding: the
+    loader sanitizes a checkpoint one layer at a time (``prosa.weights.assemble``)."""
+    if embed in weights and (tied or out not in weights):
+        weights[out] = weights[embed]
+
+
+def fuse(weights: dict[str, torch.Tensor], fused: dict[str, tuple[str, ...]], layers: str, n_layers: int) -> None:
+    """Concatenate checkpoint projections row-wise into fused ones (e.g. q/k/v -> ``qkv_proj``), in place.
+
+    Args:
+        fused: target suffix -> its parts' suffixes, under ``{layers}.{i}.``; weights and biases alike. Layers whose
+            parts are absent (another slice of the checkpoint, or parts the loader already quantized) are skipped.
+    """
+    for i in range(n_layers):
+        for target, parts in fused.items():
+            for kind in ("weight", "bias"):
+                names = [f"{layers}.{i}.{part}.{kind}" for part in parts]
+                if all(n in weights for n in names):
+                    weights[f"{layers}.{i}.{target}.{kind}"] = torch.cat([weights.pop(n) for n in names])
+

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .base import BaseModelArgs, activation, attention, merge_heads, split_heads
+from .base import BaseModelArgs, activation, attention, merge_heads, split_heads, tie_output
 from .cache import KVCache
 
 _CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
@@ -121,6 +121,5 @@ class Model(nn.Module):
             if name.endswith(_CONV1D):
                 w = w.t().contiguous()
             out[name] = w
-        if self.args.tie_word_embeddings or "lm_head.weight" not in out:
-            out["lm_head.weight"] = out["transformer.wte.weight"]   # same tensor: tied, no extra memory
+        tie_output(out, "lm_head.weight", "transformer.wte.weight", self.args.tie_word_embeddings)   # same tensor: no extra memory
         return out

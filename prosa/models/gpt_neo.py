@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from ..errors import CorruptModelError
-from .base import BaseModelArgs, activation, attention, merge_heads, split_heads
+from .base import BaseModelArgs, activation, attention, merge_heads, split_heads, tie_output
 from .cache import KVCache
 
 
@@ -153,6 +153,5 @@ class Model(nn.Module):
             if not name.startswith(("transformer.", "lm_head.")):
                 name = "transformer." + name
             out[name] = w
-        if self.args.tie_word_embeddings or "lm_head.weight" not in out:
-            out["lm_head.weight"] = out["transformer.wte.weight"]   # same tensor: tied, no extra memory
+        tie_output(out, "lm_head.weight", "transformer.wte.weight", self.args.tie_word_embeddings)   # same tensor: no extra memory
         return out

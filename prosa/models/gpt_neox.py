@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .base import BaseModelArgs, RoPE, activation, attention, merge_heads
+from .base import BaseModelArgs, RoPE, activation, attention, merge_heads, tie_output
 from .cache import KVCache
 
 
@@ -131,6 +131,5 @@ class Model(nn.Module):
             elif not name.startswith(("gpt_neox.", "embed_out.")):
                 name = "gpt_neox." + name
             out[name] = w
-        if self.args.tie_word_embeddings or "embed_out.weight" not in out:
-            out["embed_out.weight"] = out["gpt_neox.embed_in.weight"]   # same tensor: tied, no extra memory
+        tie_output(out, "embed_out.weight", "gpt_neox.embed_in.weight", self.args.tie_word_embeddings)   # same tensor: no extra memory
         return out

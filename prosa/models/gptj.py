@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .base import BaseModelArgs, RoPE, activation, attention, merge_heads, split_heads
+from .base import BaseModelArgs, RoPE, activation, attention, merge_heads, split_heads, tie_output
 from .cache import KVCache
 
 
@@ -130,9 +130,7 @@ class Model(nn.Module):
             if not name.startswith(("transformer.", "lm_head.")):
                 name = "transformer." + name
             out[name] = w
-        wte = out["transformer.wte.weight"]
-        if self.args.tie_word_embeddings or "lm_head.weight" not in out:
-            out["lm_head.weight"] = wte
-        if "lm_head.bias" not in out:
-            out["lm_head.bias"] = wte.new_zeros(wte.shape[0])
+        tie_output(out, "lm_head.weight", "transformer.wte.weight", self.args.tie_word_embeddings)
+        if "lm_head.weight" in out and "lm_head.bias" not in out:
+            out["lm_head.bias"] = out["lm_head.weight"].new_zeros(out["lm_head.weight"].shape[0])
         return out

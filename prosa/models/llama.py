@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .base import BaseModelArgs, RoPE, activation, attention, merge_heads, split_heads
+from .base import BaseModelArgs, RoPE, activation, attention, fuse, merge_heads, split_heads, tie_output
 from .cache import KVCache
 
 
@@ -127,6 +127,11 @@ class LlamaModel(nn.Module):
 class Model(nn.Module):
     """Llama-family causal LM: ``model(input_ids, cache, attention_mask) -> logits (B, T, V)``."""
 
+    # fused module suffix -> the checkpoint modules it concatenates (row-wise), under model.layers.N.
+    FUSED = {"self_attn.qkv_proj": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+             "mlp.gate_up_proj": ("mlp.gate_proj", "mlp.up_proj")}
+    LAYERS = "model.layers"
+
     def __init__(self, args: ModelArgs):
         super().__init__()
         self.args = args
@@ -155,15 +160,6 @@ class Model(nn.Module):
         """Checkpoint tensors -> this module's state dict: drop rotary buffers, fuse q/k/v into ``qkv_proj`` and
         gate/up into ``gate_up_proj`` (one row-wise concatenation each), tie the output layer."""
         weights = {k: v for k, v in weights.items() if "rotary_emb.inv_freq" not in k}
-        fused = {"self_attn.qkv_proj": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
-                 "mlp.gate_up_proj": ("mlp.gate_proj", "mlp.up_proj")}
-        for i in range(self.args.num_hidden_layers):
-            for target, parts in fused.items():
-                for kind in ("weight", "bias"):
-                    names = [f"model.layers.{i}.{part}.{kind}" for part in parts]
-                    if all(n in weights for n in names):
-                        weights[f"model.layers.{i}.{target}.{kind}"] = torch.cat([weights.pop(n) for n in names])
-        if self.args.tie_word_embeddings or "lm_head.weight" not in weights:
-            # Same tensor object under both names: tied, no extra memory.
-            weights["lm_head.weight"] = weights["model.embed_tokens.weight"]
+        fuse(weights, self.FUSED, self.LAYERS, self.args.num_hidden_layers)
+        tie_output(weights, "lm_head.weight", "model.embed_tokens.weight", self.args.tie_word_embeddings)
         return weights

@@ -428,23 +428,52 @@ class GGUFCheckpoint:
     _arch: _Arch = field(repr=False)
     _entries: list[tuple[_TensorInfo, str, str]] = field(repr=False)  # (tensor, HF name, GGUF part)
 
-    def tensors(self, dtype: torch.dtype = torch.float32) -> Iterator[tuple[str, torch.Tensor]]:
-        """Yield ``(HF name, tensor)`` in HF layout, one at a time, as ``dtype``.
+    def tensors(self, dtype: torch.dtype = torch.float32,
+                skip: frozenset[str] = frozenset()) -> Iterator[tuple[str, torch.Tensor]]:
+        """Yield ``(HF name, tensor)`` in HF layout, one at a time, as ``dtype``; names in ``skip`` are not read.
 
         Quantized tensors are dequantized in float32 and then cast (as transformers does); float ones are cast
         from their stored type. GPT-2's Conv1D weights come as transposed views.
         """
         for info, hf_name, part in self._entries:
+            if hf_name in skip:
+                continue
             with _one_thread():
                 w = _read(self._mm, info)
                 if self._arch.permute_qk and part in ("attn_q", "attn_k"):
-                    w = _unpermute(w, self.config["num_attention_heads" if part == "attn_q" else "num_key_value_heads"])
+                    w = _unpermute(w, self._heads(part))
                 w = w.to(dtype)
             yield hf_name, w.t() if part in self._arch.transposed and w.dim() == 2 else w
+
+    def _heads(self, part: str) -> int:
+        return self.config["num_attention_heads" if part == "attn_q" else "num_key_value_heads"]
 
     def tensor_types(self) -> dict[str, str]:
         """HF name -> GGUF storage type name ("Q4_1", "F32", ...)."""
         return {hf_name: Q(info.ggml_type).name for info, hf_name, _ in self._entries}
+
+    def tensor_shapes(self) -> dict[str, tuple[int, ...]]:
+        """HF name -> shape as ``tensors()`` yields it."""
+        return {hf_name: info.shape[::-1] if part in self._arch.transposed and len(info.shape) == 2 else info.shape
+                for info, hf_name, part in self._entries}
+
+    def int_weight(self, hf_name: str):
+        """A Q8_0 / Q4_0 / Q4_1 weight as integers, exactly: ``(bits, q, d, m)`` (see ``prosa.quant.gguf_to_int``),
+        in ``nn.Linear`` orientation (out, in) with llama.cpp's Q/K row order undone; None for other types."""
+        from ..quant import gguf_to_int
+
+        for info, name, part in self._entries:
+            if name != hf_name:
+                continue
+            if Q(info.ggml_type).name not in ("Q8_0", "Q4_0", "Q4_1") or len(info.shape) != 2:
+                return None
+            raw = np.frombuffer(self._mm, np.uint8, info.nbytes, info.start)
+            bits, q, d, m = gguf_to_int(raw, info.ggml_type, info.shape)
+            if self._arch.permute_qk and part in ("attn_q", "attn_k"):
+                order = _unpermute(torch.arange(info.shape[0])[:, None], self._heads(part))[:, 0]
+                q, d, m = q[order], d[order], None if m is None else m[order]
+            return bits, q, d, m
+        raise KeyError(hf_name)
 
 
 def is_gguf(path: str | Path) -> bool:

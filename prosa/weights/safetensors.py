@@ -56,29 +56,59 @@ _ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, 
 _PAGE = mmap.PAGESIZE
 
 
-def _iter_safetensors(path: Path, dtype: torch.dtype | None = None) -> Iterator[tuple[str, torch.Tensor]]:
-    """Yield the tensors of one safetensors file, each copied once out of a memory map (converted to ``dtype`` on
-    the way when it is floating point), after which the file's pages for it are released: reading a model costs
-    the weights in the target dtype plus one tensor, not a second copy of the file."""
-    def corrupt(why: str) -> CorruptModelError:
-        return CorruptModelError(f"{path} is truncated or corrupt ({why}); re-download it")
-
+def _header(path: Path) -> tuple[dict, int, int]:
+    """A safetensors file's header (name -> dtype/shape/offsets), its size, and where the data starts."""
     with open(path, "rb") as f:
         size = os.fstat(f.fileno()).st_size
         if size < 8:
-            raise corrupt("shorter than its header")
+            raise _corrupt(path, "shorter than its header")
         (n,) = struct.unpack("<Q", f.read(8))
         if n > size - 8:
-            raise corrupt(f"header of {n} bytes in a file of {size}")
+            raise _corrupt(path, f"header of {n} bytes in a file of {size}")
         try:
             header = json.loads(f.read(n))
         except ValueError as e:
-            raise corrupt(f"bad header: {e}") from None
-        header.pop("__metadata__", None)
-        mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY) if size > 8 + n else None
-    base = 8 + n
+            raise _corrupt(path, f"bad header: {e}") from None
+    if not isinstance(header, dict):
+        raise _corrupt(path, "header is not a JSON object")
+    header.pop("__metadata__", None)
+    return header, size, 8 + n
+
+
+def _corrupt(path: Path, why: str) -> CorruptModelError:
+    return CorruptModelError(f"{path} is truncated or corrupt ({why}); re-download it")
+
+
+def tensor_shapes(folder: Path) -> dict[str, tuple[int, ...]] | None:
+    """Checkpoint name -> shape for every tensor of the folder's safetensors weights, from the headers only;
+    None for pytorch_model.bin checkpoints (their names are known only once loaded)."""
+    shapes: dict[str, tuple[int, ...]] = {}
+    for path in weight_files(folder):
+        if path.suffix != ".safetensors":
+            return None
+        for name, info in _header(path)[0].items():
+            try:
+                shapes[name] = tuple(int(d) for d in info["shape"])
+            except (KeyError, TypeError, ValueError):
+                raise _corrupt(path, f"unreadable entry for {name!r}") from None
+    return shapes
+
+
+def _iter_safetensors(path: Path, dtype: torch.dtype | None = None,
+                      skip: frozenset[str] = frozenset()) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield the tensors of one safetensors file, each copied once out of a memory map (converted to ``dtype`` on
+    the way when it is floating point), after which the file's pages for it are released: reading a model costs
+    the weights in the target dtype plus one tensor, not a second copy of the file. Names in ``skip`` are not read."""
+    def corrupt(why: str) -> CorruptModelError:
+        return _corrupt(path, why)
+
+    header, size, base = _header(path)
+    with open(path, "rb") as f:
+        mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY) if size > base else None
     try:
         for name, info in header.items():
+            if name in skip:
+                continue
             try:
                 st_dtype, shape, (begin, end) = _ST_DTYPES[info["dtype"]], info["shape"], info["data_offsets"]
             except (KeyError, TypeError, ValueError):
@@ -130,14 +160,17 @@ def _load_bin(path: Path) -> dict[str, torch.Tensor]:
     return state
 
 
-def iter_tensors(folder: Path, dtype: torch.dtype | None = None) -> Iterator[tuple[str, torch.Tensor]]:
-    """Yield (checkpoint name, tensor) for every tensor of the folder's weights, one file at a time; floating-point
-    tensors converted to ``dtype`` when given."""
+def iter_tensors(folder: Path, dtype: torch.dtype | None = None,
+                 skip: frozenset[str] = frozenset()) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield (checkpoint name, tensor) for every tensor of the folder's weights but those in ``skip``, one file at
+    a time; floating-point tensors converted to ``dtype`` when given."""
     for path in weight_files(folder):
         if path.suffix == ".safetensors":
-            yield from _iter_safetensors(path, dtype)
+            yield from _iter_safetensors(path, dtype, skip)
         else:
             state = _load_bin(path)
             while state:
                 name, tensor = state.popitem()
+                if name in skip:
+                    continue
                 yield name, tensor.to(dtype) if dtype is not None and tensor.is_floating_point() else tensor

@@ -1,0 +1,188 @@
+"""Fill a meta-device model with a checkpoint's weights, in the format chosen at load time.
+
+The checkpoint is read one layer at a time: tensors are grouped by their layer number (``...layers.7...`` or
+``...h.7...``; everything else is one more group), and a group is handed to ``model.sanitize`` as soon as its last
+tensor has been read. In the int8/int4 formats the group's linear weights are then quantized and the float copies
+dropped, so loading a model costs its weights in the running format plus about one layer in float: GPT-J 6B
+loads in int4 without ever holding its 24 GB of float32.
+
+GGUF Q8_0 / Q4_0 / Q4_1 blocks that already are the requested format (Q8_0 for int8; Q4_x for int4, where the
+output layer is int8 and may come from a Q8_0 embedding) are repacked as integers, exactly, and never pass through
+float. The fused projections of the Llama family (``Model.FUSED``) concatenate their parts' integer rows, which is
+exact too since groups run along the input dimension.
+"""
+from __future__ import annotations
+
+import re
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..errors import CorruptModelError
+from ..quant import QuantizedLinear
+
+_LAYER = re.compile(r"\.(?:h|layers)\.(\d+)\.")
+GROUP_SIZE = 32
+
+
+@dataclass
+class Report:
+    """What the loader did: modules per format ("float32", "int4 (GGUF Q4_1, exact)", ...) and weight bytes."""
+
+    formats: Counter = field(default_factory=Counter)
+    weight_bytes: int = 0
+
+    def summary(self) -> str:
+        return ", ".join(f"{n} x {fmt}" for fmt, n in self.formats.most_common())
+
+
+def _output_names(model: nn.Module) -> set[str]:
+    """The output layer: the last ``nn.Linear`` registered (``lm_head`` / ``embed_out``)."""
+    linears = [name for name, mod in model.named_modules() if isinstance(mod, nn.Linear)]
+    return {linears[-1]} if linears else set()
+
+
+def _bits_for(name: str, mode: str, outputs: set[str]) -> int:
+    """int8 everywhere in int8 mode; int4 in int4 mode but for the output layer, which stays int8 (the vocabulary
+    projection is the most sensitive layer to quantize, and llama.cpp's Q4 files keep it at 6-8 bits too)."""
+    return 8 if mode == "int8" or name in outputs else 4
+
+
+def _quantized(weight: torch.Tensor, bias: torch.Tensor | None, bits: int) -> tuple[QuantizedLinear, str]:
+    k = weight.shape[1]
+    if k % GROUP_SIZE == 0:
+        return QuantizedLinear.from_float(weight, bias, bits, GROUP_SIZE), f"int{bits} g{GROUP_SIZE}"
+    # rows that are not whole groups (rare: tiny test models): per-channel int8
+    return QuantizedLinear.from_float(weight, bias, 8, None), "int8 per-channel"
+
+
+def _swap(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent, _, leaf = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, leaf, module)
+
+
+def _gguf_exact(model: nn.Module, ck: Any, mode: str, dtype: torch.dtype, device: torch.device,
+                report: Report) -> set[str]:
+    """Repack GGUF integer blocks straight into the model's linears where they already are the format the mode
+    asks for. Returns the checkpoint names consumed (not to be read as float)."""
+    gg = ck.gguf
+    types = gg.tensor_types()
+    fused = getattr(model, "FUSED", {})
+    outputs = _output_names(model)
+    tied = ck.config.get("tie_word_embeddings", True)
+    embed = next((n for n in types if n.endswith(("embed_tokens.weight", "wte.weight", "embed_in.weight"))), None)
+    want = {8: ("Q8_0",), 4: ("Q4_0", "Q4_1")}
+    consumed: set[str] = set()
+    for name, mod in list(model.named_modules()):
+        if not isinstance(mod, nn.Linear):
+            continue
+        parts = [name]
+        for target, pieces in fused.items():
+            if name.endswith("." + target):
+                parts = [name[:-len(target)] + p for p in pieces]
+        sources = [p + ".weight" for p in parts]
+        if name in outputs and sources[0] not in types and embed is not None and tied:
+            sources = [embed]   # tied output layer: quantized copy of the embedding's blocks
+        bits = _bits_for(name, mode, outputs)
+        kinds = {types.get(s) for s in sources}
+        if len(kinds) != 1 or next(iter(kinds)) not in want[bits]:
+            continue
+        ints = [gg.int_weight(s) for s in sources]
+        q = torch.cat([i[1] for i in ints])
+        d = torch.cat([i[2] for i in ints])
+        m = None if ints[0][3] is None else torch.cat([i[3] for i in ints])
+        if q.shape != mod.weight.shape:
+            raise CorruptModelError(f"{ck.path}: {name} is {tuple(q.shape)} in the file but the config makes it "
+                                    f"{tuple(mod.weight.shape)}")
+        layer = QuantizedLinear.from_int(q, d, m, None).to(device)
+        _swap(model, name, layer)
+        report.formats[f"int{bits} (GGUF {next(iter(kinds))}, exact)"] += 1
+        consumed.update(s for s in sources if s != embed)   # the embedding itself is still needed as float
+    return consumed
+
+
+def load_weights(model: nn.Module, ck: Any, dtype: torch.dtype, device: torch.device, mode: str = "none") -> Report:
+    """Fill ``model`` (built on the meta device) from checkpoint ``ck`` (a ``prosa.loader.Checkpoint``).
+
+    Args:
+        dtype: the float dtype of every tensor kept in float (all of them in mode "none").
+        mode: "none" (float), "int8" or "int4" (weight-only, group-wise; see ``prosa.quant``).
+    Returns:
+        a ``Report`` of the formats used.
+    Raises:
+        CorruptModelError: the checkpoint's tensors do not match the architecture its config describes.
+    """
+    report = Report()
+    quantize = mode in ("int8", "int4")
+    skip = _gguf_exact(model, ck, mode, dtype, device, report) if quantize and ck.gguf is not None else set()
+    shapes = ck.tensor_shapes()
+    remaining: Counter | None = None
+    if shapes is not None:
+        remaining = Counter(_group(n) for n in shapes if n not in skip)
+    outputs = _output_names(model)
+    pending: dict[Any, dict[str, torch.Tensor]] = defaultdict(dict)
+    unexpected: list[str] = []
+
+    def flush(state: dict[str, torch.Tensor]) -> None:
+        state = model.sanitize(state)
+        for key in list(state):
+            if key not in state:    # a bias taken along with its weight
+                continue
+            path, _, leaf = key.rpartition(".")
+            try:
+                mod = model.get_submodule(path) if path else model
+            except AttributeError:
+                continue            # reported as unexpected by load_state_dict below
+            if isinstance(mod, QuantizedLinear):
+                t = state.pop(key)
+                if leaf == "bias":  # a repacked GGUF layer's bias (its weight came as integers)
+                    mod.bias = t.detach().float().contiguous().to(device)
+                continue            # the float weight of a layer already quantized (a tied alias)
+            if quantize and isinstance(mod, nn.Linear) and leaf == "weight":
+                if state[key].shape != mod.weight.shape:
+                    raise CorruptModelError(f"{ck.path}: {key} is {tuple(state[key].shape)} in the checkpoint but "
+                                            f"its config.json makes it {tuple(mod.weight.shape)}")
+                bits = _bits_for(path, mode, outputs)
+                bias = state.pop(path + ".bias", None)
+                layer, fmt = _quantized(state.pop(key).float(), None if bias is None else bias.float(), bits)
+                _swap(model, path, layer.to(device))
+                report.formats[fmt] += 1
+        if state:
+            result = model.load_state_dict(state, strict=False, assign=True)
+            unexpected.extend(result.unexpected_keys)
+
+    for name, tensor in ck.tensors(dtype, frozenset(skip)):
+        # Integer/bool buffers (old GPT-2 attention masks) keep their dtype; sanitize drops them.
+        tensor = tensor.to(device) if tensor.is_floating_point() else tensor
+        if remaining is None:
+            pending[None][name] = tensor
+            continue
+        g = _group(name)
+        pending[g][name] = tensor
+        remaining[g] -= 1
+        if remaining[g] == 0:
+            flush(pending.pop(g))
+    for state in pending.values():
+        flush(state)
+
+    missing = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
+    if missing or unexpected:
+        def show(names):
+            return ", ".join(names[:5]) + (f" (+{len(names) - 5} more)" if len(names) > 5 else "")
+        raise CorruptModelError(
+            f"{ck.path}: weights do not match the {ck.config.get('model_type')} architecture its config "
+            f"describes (missing: {show(missing) or 'none'}; unexpected: {show(unexpected) or 'none'}); "
+            "the checkpoint is incomplete or its config.json belongs to another model")
+    n_float = sum(isinstance(m, nn.Linear) for m in model.modules())
+    if n_float:
+        report.formats[str(dtype).replace("torch.", "")] += n_float
+    report.weight_bytes = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    return report
+
+
+def _group(name: str) -> int | None:
+    m = _LAYER.search(name)
+    return int(m[1]) if m else None
