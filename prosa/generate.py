@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any, Iterator, Sequence
 import torch
 from torch import nn
 
+from .decode import decode_step
 from .sampling import SamplingParams, TokenHistory, apply, make_generators, make_logits_processors, make_sampler
 
 if TYPE_CHECKING:
@@ -225,6 +226,7 @@ def stream_generate(model: nn.Module, tokenizer: "Tokenizer", requests: Sequence
         return make_logits_processors(params, eos, vocab, logits.device), make_sampler(params)
 
     processors, sampler = build(live)
+    step = decode_step(model)           # the model itself, or a fused equivalent (prosa.decode)
     want_logprobs = any(s.req.logprobs is not None for s in live)
     while True:
         raw = logits
@@ -278,6 +280,6 @@ def stream_generate(model: nn.Module, tokenizer: "Tokenizer", requests: Sequence
             keep_n = max(1, window // 2)
             cache, logits = prefill(model, [s.tokens[-keep_n:] for s in live], tokenizer.pad_token_id or 0)
         else:
-            logits = model(tokens[:, None], cache)[:, -1].float()
+            logits = step(tokens[:, None], cache)[:, -1].float()
         if prompt_cache is not None:
             prompt_cache.tokens.append(live[0].tokens[-1])   # the token just run through the model

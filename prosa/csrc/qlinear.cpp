@@ -352,6 +352,131 @@ torch::Tensor qlinear(const torch::Tensor& x_in, const torch::Tensor& w, const t
   return out.scalar_type() == x_in.scalar_type() ? out : out.to(x_in.scalar_type());
 }
 
+
+// ============================================================================ fused decode step (Llama family)
+// One transformer block for one new token per sequence (T = 1), in a single call: RMSNorm, fused q/k/v
+// projection, RoPE (rotate-half layout, first `rot` channels of each head), K/V written into the cache at slot
+// `slot`, grouped-query attention over the cache (padding slots and, with a sliding window, old slots skipped),
+// output projection, residual, RMSNorm, fused gate/up projection, SiLU(gate) * up, down projection, residual.
+// It computes what prosa/models/llama.py computes, minus ~40 PyTorch operator calls per block (the Python and
+// dispatch overhead that dominates decoding small models on a CPU).
+
+// A linear layer: prosa-packed int8/int4 (see the top of this file) or a float32 weight (N, K).
+struct Lin {
+  torch::Tensor w, d, mn, bias, fw;  // fw: float weight (float layers); else w/d/(mn) packed
+  int64_t n = 0, g = 0, bits = 0;    // bits 0 = float
+
+  torch::Tensor operator()(const torch::Tensor& x) const {  // x (B, K) float32 contiguous -> (B, N)
+    if (bits == 0) return bias.defined() ? at::addmm(bias, x, fw.t()) : at::mm(x, fw.t());
+    const c10::optional<torch::Tensor> b = bias.defined() ? c10::optional<torch::Tensor>(bias) : c10::nullopt;
+    if (bits == 4) return qlinear<true>(x, w, d, mn, b, n, g);
+    return qlinear<false>(x, w, d, c10::nullopt, b, n, g);
+  }
+};
+
+inline void rmsnorm(const float* x, const float* w, float* out, int64_t c, float eps) {
+  double ss = 0.0;  // double: the reference sums float32 squares with pairwise reduction; this stays closer
+  for (int64_t i = 0; i < c; ++i) ss += static_cast<double>(x[i]) * x[i];
+  const float r = 1.0f / std::sqrt(static_cast<float>(ss / c) + eps);
+  for (int64_t i = 0; i < c; ++i) out[i] = w[i] * (x[i] * r);
+}
+
+inline void rope_half(float* x, const float* cos, const float* sin, int64_t rot) {
+  const int64_t h = rot / 2;
+  for (int64_t i = 0; i < h; ++i) {
+    const float x1 = x[i], x2 = x[i + h];
+    x[i] = x1 * cos[i] - x2 * sin[i];
+    x[i + h] = x2 * cos[i + h] + x1 * sin[i + h];
+  }
+}
+
+struct LlamaBlock {
+  torch::Tensor in_norm, post_norm;  // (C) float32
+  Lin qkv, o, gate_up, down;
+  int64_t n_heads = 0, n_kv = 0, head_dim = 0, rot = 0, window = 0, inter = 0;
+  double eps = 1e-6;
+
+  // x (B, C) float32, updated in place and returned. k_cache/v_cache (B, H_kv, cap, D) float32; valid (B, cap)
+  // bool (already marks `slot` real); cos/sin (B, rot) float32.
+  torch::Tensor forward(torch::Tensor x, torch::Tensor k_cache, torch::Tensor v_cache, int64_t slot,
+                        torch::Tensor valid, torch::Tensor cos, torch::Tensor sin) const {
+    TORCH_CHECK(x.dim() == 2 && x.scalar_type() == torch::kFloat && x.is_contiguous(), "x must be (B, C) float32");
+    TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous() && k_cache.scalar_type() == torch::kFloat,
+                "caches must be contiguous float32");
+    const int64_t B = x.size(0), C = x.size(1), H = n_heads, KV = n_kv, D = head_dim, cap = k_cache.size(2);
+    TORCH_CHECK(slot >= 0 && slot < cap && k_cache.size(0) == B, "slot outside the cache");
+    const float fe = static_cast<float>(eps);
+    float* xp = x.data_ptr<float>();
+    auto h = torch::empty({B, C}, x.options());
+    float* hp = h.data_ptr<float>();
+    for (int64_t b = 0; b < B; ++b) rmsnorm(xp + b * C, in_norm.data_ptr<float>(), hp + b * C, C, fe);
+    auto qkv_out = qkv(h);  // (B, (H + 2 KV) D)
+    float* qp = qkv_out.data_ptr<float>();
+    const int64_t row = (H + 2 * KV) * D;
+    const float* cp = cos.data_ptr<float>();
+    const float* sp = sin.data_ptr<float>();
+    float* kc = k_cache.data_ptr<float>();
+    float* vc = v_cache.data_ptr<float>();
+    for (int64_t b = 0; b < B; ++b) {
+      float* r = qp + b * row;
+      for (int64_t j = 0; j < H + KV; ++j) rope_half(r + j * D, cp + b * rot, sp + b * rot, rot);
+      for (int64_t j = 0; j < KV; ++j) {
+        std::memcpy(kc + ((b * KV + j) * cap + slot) * D, r + (H + j) * D, D * sizeof(float));
+        std::memcpy(vc + ((b * KV + j) * cap + slot) * D, r + (H + KV + j) * D, D * sizeof(float));
+      }
+    }
+    // attention: one (sequence, head) per task
+    auto att = torch::empty({B, H * D}, x.options());
+    float* ap = att.data_ptr<float>();
+    const bool* vp = valid.data_ptr<bool>();
+    const int64_t vstride = valid.size(1);
+    const int64_t lo = window > 0 ? std::max<int64_t>(0, slot - window + 1) : 0;
+    const float scale = 1.0f / std::sqrt(static_cast<float>(D));
+    const auto heads = [&](int64_t t0, int64_t t1) {
+      std::vector<float> p(slot + 1);
+      for (int64_t t = t0; t < t1; ++t) {
+        const int64_t b = t / H, hh = t % H, kvh = hh / (H / KV);
+        const float* q = qp + b * row + hh * D;
+        const float* kb = kc + (b * KV + kvh) * cap * D;
+        const float* vb = vc + (b * KV + kvh) * cap * D;
+        float mx = -INFINITY;
+        for (int64_t s = lo; s <= slot; ++s) {
+          if (!vp[b * vstride + s] && s != slot) { p[s] = -INFINITY; continue; }
+          float acc = 0.f;
+          for (int64_t i = 0; i < D; ++i) acc += q[i] * kb[s * D + i];
+          p[s] = acc * scale;
+          mx = std::max(mx, p[s]);
+        }
+        float sum = 0.f;
+        for (int64_t s = lo; s <= slot; ++s) { p[s] = std::exp(p[s] - mx); sum += p[s]; }
+        float* out = ap + b * H * D + hh * D;
+        for (int64_t i = 0; i < D; ++i) out[i] = 0.f;
+        const float inv = 1.0f / sum;
+        for (int64_t s = lo; s <= slot; ++s) {
+          const float w = p[s] * inv;
+          if (w == 0.f) continue;
+          for (int64_t i = 0; i < D; ++i) out[i] += w * vb[s * D + i];
+        }
+      }
+    };
+    const int64_t work = B * H * (slot + 1 - lo) * D;
+    if (work < (1 << 16) || at::get_num_threads() == 1) heads(0, B * H); else at::parallel_for(0, B * H, 1, heads);
+    x.add_(o(att));
+    for (int64_t b = 0; b < B; ++b) rmsnorm(xp + b * C, post_norm.data_ptr<float>(), hp + b * C, C, fe);
+    auto gu = gate_up(h);  // (B, 2 I)
+    auto act = torch::empty({B, inter}, x.options());
+    const float* gp = gu.data_ptr<float>();
+    float* actp = act.data_ptr<float>();
+    for (int64_t b = 0; b < B; ++b)
+      for (int64_t i = 0; i < inter; ++i) {
+        const float gv = gp[b * 2 * inter + i];
+        actp[b * inter + i] = gv / (1.0f + std::exp(-gv)) * gp[b * 2 * inter + inter + i];
+      }
+    x.add_(down(act));
+    return x;
+  }
+};
+
 }  // namespace
 
 torch::Tensor linear_int8(const torch::Tensor& x, const torch::Tensor& w, const torch::Tensor& d,
@@ -372,6 +497,29 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::call_guard<py::gil_scoped_release>());
   m.def("linear_int4", &linear_int4, "y = x @ W^T + b, W row-interleaved int4 with fp16 group scales and mins",
         py::call_guard<py::gil_scoped_release>());
+  py::class_<Lin>(m, "Lin", "a linear layer for the fused decode step: packed int8/int4 or float32")
+      .def(py::init([](torch::Tensor w, torch::Tensor d, c10::optional<torch::Tensor> mn,
+                       c10::optional<torch::Tensor> bias, c10::optional<torch::Tensor> fw, int64_t n, int64_t g,
+                       int64_t bits) {
+             Lin l;
+             l.w = w; l.d = d; l.mn = mn.value_or(torch::Tensor()); l.bias = bias.value_or(torch::Tensor());
+             l.fw = fw.value_or(torch::Tensor()); l.n = n; l.g = g; l.bits = bits;
+             return l;
+           }),
+           py::arg("w"), py::arg("d"), py::arg("mn"), py::arg("bias"), py::arg("fw"), py::arg("n"), py::arg("g"),
+           py::arg("bits"))
+      .def("__call__", &Lin::operator(), py::call_guard<py::gil_scoped_release>());
+  py::class_<LlamaBlock>(m, "LlamaBlock", "one Llama-family block for one token per sequence (see qlinear.cpp)")
+      .def(py::init([](torch::Tensor in_norm, torch::Tensor post_norm, Lin qkv, Lin o, Lin gate_up, Lin down,
+                       int64_t n_heads, int64_t n_kv, int64_t head_dim, int64_t rot, int64_t window, int64_t inter,
+                       double eps) {
+             LlamaBlock b;
+             b.in_norm = in_norm; b.post_norm = post_norm; b.qkv = qkv; b.o = o; b.gate_up = gate_up; b.down = down;
+             b.n_heads = n_heads; b.n_kv = n_kv; b.head_dim = head_dim; b.rot = rot; b.window = window;
+             b.inter = inter; b.eps = eps;
+             return b;
+           }))
+      .def("forward", &LlamaBlock::forward, py::call_guard<py::gil_scoped_release>());
   m.def("isa", &isa, "the code path in use: avx512_vnni or scalar");
   m.def("force_scalar", &force_scalar, "use the portable path even where AVX-512 VNNI is available (tests)");
 }

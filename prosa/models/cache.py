@@ -67,18 +67,25 @@ class KVCache:
         Returns:
             keys, values: (B, H_kv, offset, D) views of the buffers.
         """
+        buf_k, buf_v = self.buffers(layer, k.shape[0], k.shape[1], k.shape[3], k.dtype, k.device)
+        buf_k[:, :, self._start:self.offset] = k
+        buf_v[:, :, self._start:self.offset] = v
+        return buf_k[:, :, :self.offset], buf_v[:, :, :self.offset]
+
+    def buffers(self, layer: int, batch: int, kv_heads: int, head_dim: int, dtype: torch.dtype,
+                device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """The whole K and V buffers of ``layer``, (B, H_kv, capacity, D) contiguous, grown to hold the slots
+        reserved by ``begin`` (the fused decode step writes into them directly)."""
         buf_k, buf_v = self.keys[layer], self.values[layer]
         if buf_k is None or self.offset > buf_k.shape[2]:
             cap = self.valid.shape[1]
-            new_k = k.new_empty(k.shape[0], k.shape[1], cap, k.shape[3])
-            new_v = v.new_empty(v.shape[0], v.shape[1], cap, v.shape[3])
+            new_k = torch.empty(batch, kv_heads, cap, head_dim, dtype=dtype, device=device)
+            new_v = torch.empty_like(new_k)
             if buf_k is not None:
                 new_k[:, :, :self._start] = buf_k[:, :, :self._start]
                 new_v[:, :, :self._start] = buf_v[:, :, :self._start]
             self.keys[layer], self.values[layer] = buf_k, buf_v = new_k, new_v
-        buf_k[:, :, self._start:self.offset] = k
-        buf_v[:, :, self._start:self.offset] = v
-        return buf_k[:, :, :self.offset], buf_v[:, :, :self.offset]
+        return buf_k, buf_v
 
     def mask(self, window: int | None = None) -> torch.Tensor | None:
         """Attention mask for the current forward, (B, 1, T, offset) bool, or None when every key is allowed.

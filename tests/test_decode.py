@@ -1,0 +1,85 @@
+"""The fused decode step (``prosa.decode``) computes what the model's forward computes.
+
+In float32 the two agree to rounding (the C++ block sums in another order). With int8/int4 weights the kernels
+also quantize the activations to int8, so a rounding difference upstream can move one activation by one step:
+logits then differ by up to ~1% of their range at rare positions, so those modes are compared on average and on
+greedy text.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import prosa
+from prosa import generate as gen
+from prosa.decode import decode_step
+from prosa.generate import left_pad
+
+LLAMA_FAMILY = ["llama", "llama_linear", "qwen2", "mistral"]
+
+
+def _compare(lm, steps=20):
+    """Max and mean |fused - model| / max|model| over ``steps`` decode steps of a padded batch."""
+    m = lm.model
+    step = decode_step(m)
+    assert step is not m
+    ids, mask = left_pad([[5, 6, 7, 8, 9, 10], [11, 12], [13, 14, 15, 16]], 0, "cpu")
+    a_cache, b_cache = m.make_cache(3), m.make_cache(3)
+    g = torch.Generator().manual_seed(0)
+    worst, total = 0.0, 0.0
+    with torch.inference_mode():
+        m(ids, a_cache, mask)
+        m(ids, b_cache, mask)
+        for _ in range(steps):   # past mistral's window of 8 slots
+            tok = torch.randint(0, lm.tokenizer.vocab_size, (3, 1), generator=g)
+            a, b = m(tok, a_cache), step(tok, b_cache)
+            assert a.shape == b.shape
+            scale = a.abs().max().item()
+            worst = max(worst, (a - b).abs().max().item() / scale)
+            total += (a - b).abs().mean().item() / scale
+    return worst, total / steps
+
+
+@pytest.mark.parametrize("arch", LLAMA_FAMILY)
+def test_fused_step_equals_the_model_in_float32(tiny_checkpoint, arch):
+    worst, _ = _compare(prosa.load(tiny_checkpoint(arch), quantize="none"))
+    assert worst < 1e-5
+
+
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+@pytest.mark.parametrize("arch", LLAMA_FAMILY)
+def test_fused_step_matches_the_model_with_integer_weights(tiny_checkpoint, arch, mode):
+    worst, mean = _compare(prosa.load(tiny_checkpoint(arch), quantize=mode))
+    assert worst < 0.05 and mean < 2e-3, (worst, mean)
+
+
+@pytest.mark.parametrize("mode,agree", [("none", 32), ("int4", 12)])
+def test_fused_greedy_text_equals_the_model(bundled_gguf, monkeypatch, mode, agree):
+    """Same greedy text; with int4 only the first tokens are compared (an activation rounding flip can change a
+    near-tie later: measured, one digit of one prompt at token 15)."""
+    lm = prosa.load(bundled_gguf, quantize=mode)
+    prompts = ["A story about a man and a dog", "The capital of France is", "def fib(n):"]
+    fused = lm.generate(prompts, max_new_tokens=32, temperature=0, ignore_eos=True)
+    monkeypatch.setattr(gen, "decode_step", lambda model: model)
+    plain = lm.generate(prompts, max_new_tokens=32, temperature=0, ignore_eos=True)
+    assert [r.tokens[:agree] for r in fused] == [r.tokens[:agree] for r in plain]
+
+
+def test_other_models_and_opt_out_use_the_model(tiny_checkpoint, monkeypatch):
+    gpt2 = prosa.load(tiny_checkpoint("gpt2"), quantize="int8")
+    assert decode_step(gpt2.model) is gpt2.model
+    llama = prosa.load(tiny_checkpoint("llama"), quantize="bf16")       # bfloat16 activations: not fused
+    assert decode_step(llama.model) is llama.model
+    monkeypatch.setenv("PROSA_FUSED", "0")
+    llama = prosa.load(tiny_checkpoint("llama"), quantize="int4")
+    assert decode_step(llama.model) is llama.model
+
+
+def test_swapping_layers_rebuilds_the_step(tiny_checkpoint):
+    from prosa import quant
+
+    lm = prosa.load(tiny_checkpoint("llama"), quantize="none")
+    first = decode_step(lm.model)
+    quant.quantize_model(lm.model, "int8", 32)
+    assert decode_step(lm.model) is not first
+    assert decode_step(lm.model) is decode_step(lm.model)
