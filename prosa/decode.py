@@ -34,7 +34,7 @@ def decode_step(model: nn.Module) -> Step:
     """
     if os.environ.get("PROSA_FUSED") == "0":
         return model
-    key = tuple(id(m) for m in model.modules())
+    key = tuple((id(m), getattr(m, "activations", None)) for m in model.modules())
     cached = getattr(model, "_prosa_fused", None)
     if cached is not None and cached[0] == key:
         return cached[1]
@@ -50,7 +50,7 @@ def _lin(ext, mod: nn.Module):
             return None
         b = mod._buffers
         return ext.Lin(b["qweight"], b["scales"], b.get("mins"), b["bias"], None, mod.out_features, mod.group_size,
-                       mod.bits)
+                       mod.bits, mod.activations == "int8")
     if type(mod) is nn.Linear and mod.weight.dtype == torch.float32:
         empty = torch.empty(0)
         bias = None if mod.bias is None else mod.bias.detach()

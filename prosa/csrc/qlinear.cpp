@@ -353,6 +353,163 @@ torch::Tensor qlinear(const torch::Tensor& x_in, const torch::Tensor& w, const t
 }
 
 
+// ============================================================================ float-activation kernels
+// y = x @ W^T with W dequantized in registers and x kept in float32: the result is F.linear(x, W_dequantized) up
+// to float summation order (no rounding of the activations, unlike the kernels above). At small M it streams the
+// same bytes as the VNNI path; it is the default (prosa/quant.py), the VNNI path an opt-in for throughput.
+struct FArgs {
+  const uint8_t* w;
+  const uint16_t* d;
+  const uint16_t* mn;   // int4 only
+  const float* x;       // (M, K)
+  const float* xsum;    // (M, K/G): sum of x over each group
+  const float* bias;    // (N) or null
+  float* out;           // (M, N)
+  int64_t K, G, N;
+};
+
+#if PROSA_X86
+// MB activation rows x one tile (16 output rows). Two partial sums per row hide the FMA latency at MB = 1.
+template <int MB, bool INT4>
+TGT void ftile_avx512(const FArgs& a, int64_t t, int64_t m0) {
+  const int64_t K = a.K, G = a.G, ng = K / G;
+  constexpr int64_t CK = INT4 ? 8 : 4;  // k per 64-byte chunk
+  const uint8_t* w = a.w + t * (K / CK) * 64;
+  const uint16_t* dt = a.d + t * ng * TILE;
+  const int64_t valid = std::min<int64_t>(TILE, a.N - t * TILE);
+  const __mmask16 mask = valid >= TILE ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << valid) - 1);
+  const __m512i bytemask = _mm512_set1_epi32(0x0F);
+  __m512 acc[MB];
+  const __m512 b0 = a.bias ? _mm512_maskz_loadu_ps(mask, a.bias + t * TILE) : _mm512_setzero_ps();
+  for (int i = 0; i < MB; ++i) acc[i] = b0;
+  for (int64_t g = 0; g < ng; ++g) {
+    __m512 s0[MB], s1[MB];
+    for (int i = 0; i < MB; ++i) s0[i] = s1[i] = _mm512_setzero_ps();
+    for (int64_t c = g * (G / CK); c < (g + 1) * (G / CK); ++c) {
+      const __m512i raw = _mm512_loadu_si512(w + c * 64);
+      // int8: undo the +128 of the layout (xor) and sign-extend each byte; int4: each nibble as is
+      const __m512i v = INT4 ? raw : _mm512_xor_si512(raw, _mm512_set1_epi32(static_cast<int>(0x80808080u)));
+      const int64_t k = c * CK;
+#pragma GCC unroll 4
+      for (int j = 0; j < 4; ++j) {
+        const __m512i lane = INT4 ? _mm512_and_si512(_mm512_srli_epi32(v, 8 * j), bytemask)
+                                  : _mm512_srai_epi32(_mm512_slli_epi32(v, 24 - 8 * j), 24);
+        const __m512 wl = _mm512_cvtepi32_ps(lane);
+        for (int i = 0; i < MB; ++i) s0[i] = _mm512_fmadd_ps(wl, _mm512_set1_ps(a.x[(m0 + i) * K + k + j]), s0[i]);
+        if (INT4) {
+          const __m512 wh = _mm512_cvtepi32_ps(_mm512_and_si512(_mm512_srli_epi32(v, 8 * j + 4), bytemask));
+          for (int i = 0; i < MB; ++i)
+            s1[i] = _mm512_fmadd_ps(wh, _mm512_set1_ps(a.x[(m0 + i) * K + k + 4 + j]), s1[i]);
+        }
+      }
+    }
+    const __m512 dv = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(dt + g * TILE)));
+    if (INT4) {
+      const __m512 mv = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(a.mn + t * ng * TILE + g * TILE)));
+      for (int i = 0; i < MB; ++i) {
+        acc[i] = _mm512_fmadd_ps(dv, _mm512_add_ps(s0[i], s1[i]), acc[i]);
+        acc[i] = _mm512_fmadd_ps(mv, _mm512_set1_ps(a.xsum[(m0 + i) * ng + g]), acc[i]);
+      }
+    } else {
+      for (int i = 0; i < MB; ++i) acc[i] = _mm512_fmadd_ps(dv, s0[i], acc[i]);
+    }
+  }
+  for (int i = 0; i < MB; ++i) _mm512_mask_storeu_ps(a.out + (m0 + i) * a.N + t * TILE, mask, acc[i]);
+}
+
+template <bool INT4>
+TGT void ftiles_avx512(const FArgs& a, int64_t t0, int64_t t1, int64_t M) {
+  for (int64_t t = t0; t < t1; ++t) {
+    int64_t m = 0;
+    for (; m + 4 <= M; m += 4) ftile_avx512<4, INT4>(a, t, m);
+    switch (M - m) {
+      case 3: ftile_avx512<3, INT4>(a, t, m); break;
+      case 2: ftile_avx512<2, INT4>(a, t, m); break;
+      case 1: ftile_avx512<1, INT4>(a, t, m); break;
+      default: break;
+    }
+  }
+}
+#endif
+
+template <bool INT4>
+void ftile_scalar(const FArgs& a, int64_t t, int64_t M) {
+  const int64_t K = a.K, G = a.G, ng = K / G;
+  const int64_t CK = INT4 ? 8 : 4;
+  const uint8_t* w = a.w + t * (K / CK) * 64;
+  const uint16_t* dt = a.d + t * ng * TILE;
+  const int valid = static_cast<int>(std::min<int64_t>(TILE, a.N - t * TILE));
+  for (int64_t m = 0; m < M; ++m)
+    for (int r = 0; r < valid; ++r) {
+      float acc = a.bias ? a.bias[t * TILE + r] : 0.f;
+      for (int64_t g = 0; g < ng; ++g) {
+        float s = 0.f;
+        for (int64_t k = g * G; k < (g + 1) * G; ++k) {
+          const uint8_t byte = w[(k / CK) * 64 + r * 4 + (k % 4)];
+          const int q = INT4 ? ((k % 8) < 4 ? (byte & 0x0F) : (byte >> 4)) : static_cast<int>(byte) - 128;
+          s += static_cast<float>(q) * a.x[m * K + k];
+        }
+        const float xs = a.xsum[m * ng + g];
+        if (INT4) acc += half_to_float(dt[g * TILE + r]) * s + half_to_float(a.mn[t * ng * TILE + g * TILE + r]) * xs;
+        else acc += half_to_float(dt[g * TILE + r]) * s;
+      }
+      a.out[m * a.N + t * TILE + r] = acc;
+    }
+}
+
+template <bool INT4>
+torch::Tensor qlinear_f32(const torch::Tensor& x_in, const torch::Tensor& w, const torch::Tensor& d,
+                          const c10::optional<torch::Tensor>& mn, const c10::optional<torch::Tensor>& bias, int64_t N,
+                          int64_t G) {
+  TORCH_CHECK(x_in.dim() >= 1 && x_in.is_floating_point() && x_in.device().is_cpu(), "x must be a float CPU tensor (..., K)");
+  const int64_t K = x_in.size(-1);
+  const torch::Tensor x = (x_in.dim() == 2 && x_in.scalar_type() == torch::kFloat && x_in.is_contiguous())
+                              ? x_in : x_in.reshape({-1, K}).to(torch::kFloat).contiguous();
+  TORCH_CHECK(w.scalar_type() == torch::kUInt8 && w.is_contiguous(), "packed weight must be contiguous uint8");
+  TORCH_CHECK(d.scalar_type() == torch::kHalf && d.is_contiguous(), "scales must be contiguous float16");
+  TORCH_CHECK(G > 0 && K % G == 0 && G % (INT4 ? 8 : 4) == 0, "K must be a multiple of the group size");
+  const int64_t M = x.size(0), T = (N + TILE - 1) / TILE, ng = K / G;
+  TORCH_CHECK(w.numel() == T * TILE * K / (INT4 ? 2 : 1), "packed weight has the wrong size for N, K");
+  TORCH_CHECK(d.numel() == T * ng * TILE, "scales have the wrong size");
+  const uint16_t* mnp = nullptr;
+  if (INT4) {
+    TORCH_CHECK(mn.has_value() && mn->scalar_type() == torch::kHalf && mn->is_contiguous() && mn->numel() == d.numel(),
+                "int4 needs float16 mins shaped like the scales");
+    mnp = reinterpret_cast<const uint16_t*>(mn->data_ptr<at::Half>());
+  }
+  const float* bp = nullptr;
+  if (bias.has_value() && bias->defined()) {
+    TORCH_CHECK(bias->numel() == N && bias->scalar_type() == torch::kFloat && bias->is_contiguous(),
+                "bias must be contiguous float32 with N elements");
+    bp = bias->data_ptr<float>();
+  }
+  std::vector<int64_t> out_shape(x_in.sizes().begin(), x_in.sizes().end());
+  out_shape.back() = N;
+  auto out = torch::empty(out_shape, x.options());
+  if (M == 0 || N == 0) return out.to(x_in.scalar_type());
+  const float* xp = x.data_ptr<float>();
+  std::vector<float> xsum(M * ng);
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t g = 0; g < ng; ++g) {
+      float s = 0.f;
+      for (int64_t k = g * G; k < (g + 1) * G; ++k) s += xp[m * K + k];
+      xsum[m * ng + g] = s;
+    }
+  FArgs a{w.data_ptr<uint8_t>(), reinterpret_cast<const uint16_t*>(d.data_ptr<at::Half>()), mnp, xp, xsum.data(), bp,
+          out.data_ptr<float>(), K, G, N};
+  const bool avx = use_avx512() && !g_force_scalar;
+  const int64_t tile_bytes = TILE * K / (INT4 ? 2 : 1);
+  const int64_t grain = std::max<int64_t>(1, (16384 / std::max<int64_t>(1, M)) / tile_bytes);
+  const auto tiles = [&](int64_t t0, int64_t t1) {
+#if PROSA_X86
+    if (avx) { ftiles_avx512<INT4>(a, t0, t1, M); return; }
+#endif
+    for (int64_t t = t0; t < t1; ++t) ftile_scalar<INT4>(a, t, M);
+  };
+  if (T <= grain || at::get_num_threads() == 1) tiles(0, T); else at::parallel_for(0, T, grain, tiles);
+  return out.scalar_type() == x_in.scalar_type() ? out : out.to(x_in.scalar_type());
+}
+
 // ============================================================================ fused decode step (Llama family)
 // One transformer block for one new token per sequence (T = 1), in a single call: RMSNorm, fused q/k/v
 // projection, RoPE (rotate-half layout, first `rot` channels of each head), K/V written into the cache at slot
@@ -365,12 +522,13 @@ torch::Tensor qlinear(const torch::Tensor& x_in, const torch::Tensor& w, const t
 struct Lin {
   torch::Tensor w, d, mn, bias, fw;  // fw: float weight (float layers); else w/d/(mn) packed
   int64_t n = 0, g = 0, bits = 0;    // bits 0 = float
+  bool act8 = false;                 // quantize activations to int8 (VNNI kernels) instead of keeping float
 
   torch::Tensor operator()(const torch::Tensor& x) const {  // x (B, K) float32 contiguous -> (B, N)
     if (bits == 0) return bias.defined() ? at::addmm(bias, x, fw.t()) : at::mm(x, fw.t());
     const c10::optional<torch::Tensor> b = bias.defined() ? c10::optional<torch::Tensor>(bias) : c10::nullopt;
-    if (bits == 4) return qlinear<true>(x, w, d, mn, b, n, g);
-    return qlinear<false>(x, w, d, c10::nullopt, b, n, g);
+    if (act8) return bits == 4 ? qlinear<true>(x, w, d, mn, b, n, g) : qlinear<false>(x, w, d, c10::nullopt, b, n, g);
+    return bits == 4 ? qlinear_f32<true>(x, w, d, mn, b, n, g) : qlinear_f32<false>(x, w, d, c10::nullopt, b, n, g);
   }
 };
 
@@ -489,6 +647,16 @@ torch::Tensor linear_int4(const torch::Tensor& x, const torch::Tensor& w, const 
   return qlinear<true>(x, w, d, mn, bias, N, G);
 }
 
+torch::Tensor linear_int8_f32(const torch::Tensor& x, const torch::Tensor& w, const torch::Tensor& d,
+                              const c10::optional<torch::Tensor>& bias, int64_t N, int64_t G) {
+  return qlinear_f32<false>(x, w, d, c10::nullopt, bias, N, G);
+}
+
+torch::Tensor linear_int4_f32(const torch::Tensor& x, const torch::Tensor& w, const torch::Tensor& d,
+                              const torch::Tensor& mn, const c10::optional<torch::Tensor>& bias, int64_t N, int64_t G) {
+  return qlinear_f32<true>(x, w, d, mn, bias, N, G);
+}
+
 std::string isa() { return (use_avx512() && !g_force_scalar) ? "avx512_vnni" : "scalar"; }
 void force_scalar(bool on) { g_force_scalar = on; }
 
@@ -500,14 +668,15 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   py::class_<Lin>(m, "Lin", "a linear layer for the fused decode step: packed int8/int4 or float32")
       .def(py::init([](torch::Tensor w, torch::Tensor d, c10::optional<torch::Tensor> mn,
                        c10::optional<torch::Tensor> bias, c10::optional<torch::Tensor> fw, int64_t n, int64_t g,
-                       int64_t bits) {
+                       int64_t bits, bool act8) {
              Lin l;
+             l.act8 = act8;
              l.w = w; l.d = d; l.mn = mn.value_or(torch::Tensor()); l.bias = bias.value_or(torch::Tensor());
              l.fw = fw.value_or(torch::Tensor()); l.n = n; l.g = g; l.bits = bits;
              return l;
            }),
            py::arg("w"), py::arg("d"), py::arg("mn"), py::arg("bias"), py::arg("fw"), py::arg("n"), py::arg("g"),
-           py::arg("bits"))
+           py::arg("bits"), py::arg("act8") = false)
       .def("__call__", &Lin::operator(), py::call_guard<py::gil_scoped_release>());
   py::class_<LlamaBlock>(m, "LlamaBlock", "one Llama-family block for one token per sequence (see qlinear.cpp)")
       .def(py::init([](torch::Tensor in_norm, torch::Tensor post_norm, Lin qkv, Lin o, Lin gate_up, Lin down,
@@ -520,6 +689,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
              return b;
            }))
       .def("forward", &LlamaBlock::forward, py::call_guard<py::gil_scoped_release>());
+  m.def("linear_int8_f32", &linear_int8_f32, "as linear_int8, with float32 activations (no activation rounding)",
+        py::call_guard<py::gil_scoped_release>());
+  m.def("linear_int4_f32", &linear_int4_f32, "as linear_int4, with float32 activations (no activation rounding)",
+        py::call_guard<py::gil_scoped_release>());
   m.def("isa", &isa, "the code path in use: avx512_vnni or scalar");
   m.def("force_scalar", &force_scalar, "use the portable path even where AVX-512 VNNI is available (tests)");
 }
