@@ -243,12 +243,12 @@ _GGUF_NATIVE = {"Q4_0": "int4", "Q4_1": "int4", "Q4_K": "int4", "Q5_0": "int8", 
 def estimate_bytes(shapes: dict[str, tuple[int, ...]], mode: str, dtype: torch.dtype, tied: bool = True) -> int:
     """Bytes of the weights of a checkpoint with these tensor shapes when loaded in ``mode``.
 
-    int8 costs 1 byte per weight plus an fp16 scale per 32; int4 half a byte plus an fp16 scale and min per 32
+    int8 costs 1 byte per weight plus an fp16 scale and min per 32 (asymmetric); int4 half a byte plus the same
     (its output layer int8). Embeddings, norms and biases stay in ``dtype``; a tied output layer gets its own
     quantized copy of the embedding.
     """
     fsize = 2 if mode == "bf16" else torch.empty(0, dtype=dtype).element_size()
-    rate = {"int8": 1 + 2 / 32, "int4": 0.5 + 4 / 32}.get(mode)
+    rate = {"int8": 1 + 4 / 32, "int4": 0.5 + 4 / 32}.get(mode)
     total = 0.0
     embed = 0
     for name, shape in shapes.items():
@@ -257,7 +257,7 @@ def estimate_bytes(shapes: dict[str, tuple[int, ...]], mode: str, dtype: torch.d
             embed = max(embed, n)
         total += n * (rate if rate and len(shape) == 2 and not name.endswith(_EMBEDDINGS) else fsize)
     if rate and tied:
-        total += embed * (1 + 2 / 32)
+        total += embed * (1 + 4 / 32)
     return int(total)
 
 

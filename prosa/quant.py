@@ -46,8 +46,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["QuantizedLinear", "quantize_model", "set_activations", "quantize_int8", "quantize_int4", "gguf_to_int", "kernels",
-           "build_kernels"]
+__all__ = ["QuantizedLinear", "quantize_model", "set_activations", "quantize_int8", "quantize_uint8", "quantize_int4",
+           "gguf_to_int", "kernels", "build_kernels"]
 
 TILE = 16          # output rows per tile of the prosa layout
 _CSRC = Path(__file__).parent / "csrc" / "qlinear.cpp"
@@ -183,12 +183,8 @@ def quantize_int8(w: torch.Tensor, group_size: int | None = None) -> tuple[torch
     return q, d
 
 
-def quantize_int4(w: torch.Tensor, group_size: int = 32) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Asymmetric int4: ``w ~= d * q + m`` per group, q in 0..15, ``m`` the group minimum.
-
-    Returns:
-        q uint8 (N, K) in 0..15, d float16 (N, K // g), m float16 (N, K // g).
-    """
+def _quantize_asym(w: torch.Tensor, group_size: int, levels: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``w ~= d * q + m`` per group, q in 0..levels, ``m`` the group minimum, ``d = (max - min) / levels``."""
     n, k = w.shape
     _check_groups(k, group_size)
     q = torch.empty(n, k, dtype=torch.uint8, device=w.device)
@@ -197,13 +193,34 @@ def quantize_int4(w: torch.Tensor, group_size: int = 32) -> tuple[torch.Tensor, 
     for rows in _row_chunks(n, k):
         wg = w[rows].detach().float().reshape(-1, k // group_size, group_size)
         lo, hi = wg.amin(-1), wg.amax(-1)
-        d[rows] = ((hi - lo) / 15).to(torch.float16)
+        d[rows] = ((hi - lo) / levels).to(torch.float16)
         m[rows] = lo.to(torch.float16)
         d32 = d[rows].float()
         inv = torch.where(d32 > 0, 1 / d32, torch.zeros_like(d32))
         wg = (wg - m[rows].float()[..., None]).mul_(inv[..., None])   # a new tensor: in place is safe
-        q[rows] = torch.round(wg).clamp_(0, 15).to(torch.uint8).reshape(-1, k)
+        q[rows] = torch.round(wg).clamp_(0, levels).to(torch.uint8).reshape(-1, k)
     return q, d, m
+
+
+def quantize_int4(w: torch.Tensor, group_size: int = 32) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Asymmetric int4: ``w ~= d * q + m`` per group, q in 0..15, ``m`` the group minimum.
+
+    Returns:
+        q uint8 (N, K) in 0..15, d float16 (N, K // g), m float16 (N, K // g).
+    """
+    return _quantize_asym(w, group_size, 15)
+
+
+def quantize_uint8(w: torch.Tensor, group_size: int | None = 32) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Asymmetric int8: ``w ~= d * q + m`` per group, q in 0..255 (None: per output channel).
+
+    Up to twice as fine as symmetric int8 on groups that are not centred on zero, and exact on weights that were
+    Q4_0/Q4_1 blocks (their 16 levels land on every 17th code). The default int8 format.
+
+    Returns:
+        q uint8 (N, K) in 0..255, d float16 (N, K // g), m float16 (N, K // g).
+    """
+    return _quantize_asym(w, group_size or w.shape[1], 255)
 
 
 def dequantize_int(q: torch.Tensor, d: torch.Tensor, m: torch.Tensor | None, dtype=torch.float32) -> torch.Tensor:
@@ -260,16 +277,18 @@ def _pad_rows(t: torch.Tensor, rows: int) -> torch.Tensor:
 
 
 def _pack_int8(q: torch.Tensor) -> torch.Tensor:
-    """int8 (N, K) -> prosa layout uint8 (T, K/4, 16, 4), stored as q + 128."""
+    """int8 (N, K) -> prosa layout uint8 (T, K/4, 16, 4), stored as q + 128; uint8 codes (asymmetric) as they are."""
     n, k = q.shape
     t = -(-n // TILE)
-    u = (_pad_rows(q, t * TILE).view(torch.uint8) ^ 0x80).reshape(t, TILE, k // 4, 4)
+    u = _pad_rows(q, t * TILE).view(torch.uint8)
+    u = (u if q.dtype == torch.uint8 else u ^ 0x80).reshape(t, TILE, k // 4, 4)
     return u.permute(0, 2, 1, 3).contiguous()
 
 
-def _unpack_int8(p: torch.Tensor, n: int) -> torch.Tensor:
+def _unpack_int8(p: torch.Tensor, n: int, asym: bool = False) -> torch.Tensor:
     t, k4 = p.shape[:2]
-    return (p ^ 0x80).view(torch.int8).permute(0, 2, 1, 3).reshape(t * TILE, k4 * 4)[:n]
+    q = p if asym else (p ^ 0x80).view(torch.int8)
+    return q.permute(0, 2, 1, 3).reshape(t * TILE, k4 * 4)[:n]
 
 
 def _pack_int4(q: torch.Tensor) -> torch.Tensor:
@@ -366,27 +385,28 @@ class QuantizedLinear(nn.Module):
     # --------------------------------------------------------------------------------------------- builders
     @classmethod
     def from_int(cls, q: torch.Tensor, d: torch.Tensor, m: torch.Tensor | None = None, bias: torch.Tensor | None = None,
-                 backend: str = "auto") -> "QuantizedLinear":
-        """From the plain format: int8 q with fp16 d (m None), or uint8 0..15 q with d and m (int4)."""
+                 backend: str = "auto", bits: int | None = None) -> "QuantizedLinear":
+        """From the plain format: int8 q with fp16 d (m None: symmetric int8), uint8 0..15 q with d and m (int4),
+        or uint8 0..255 q with d and m and ``bits=8`` (asymmetric int8)."""
         n, k = q.shape
-        bits = 8 if q.dtype == torch.int8 else 4
-        if bits == 4 and m is None:
-            raise ValueError("int4 needs mins (m); for a symmetric code use m = -8 d")
+        bits = bits or (8 if q.dtype == torch.int8 else 4)
+        if m is None and (bits == 4 or q.dtype != torch.int8):
+            raise ValueError("unsigned codes need mins (m); for a symmetric int4 code use m = -8 d")
         group = k // d.shape[1]
         _check_groups(k, group)
-        backend = cls._choose_backend(bits, n, k, group) if backend == "auto" else backend
+        backend = cls._choose_backend(bits, n, k, group, m is not None) if backend == "auto" else backend
         d = d.to(torch.float16)
         m = None if m is None else m.to(torch.float16)
         if backend == "prosa":
             if k % 32 or group % 32:
                 raise ValueError(f"the prosa kernels need in_features and group_size multiples of 32 (got {k}, {group})")
             tensors = {"qweight": _pack_int8(q) if bits == 8 else _pack_int4(q), "scales": _pack_scales(d)}
-            if bits == 4:
+            if m is not None:
                 tensors["mins"] = _pack_scales(m)
         elif backend == "aten":
             if bits == 8:
-                if group != k:
-                    raise ValueError("aten's int8 kernel is per-channel only (group_size = in_features)")
+                if group != k or m is not None:
+                    raise ValueError("aten's int8 kernel is symmetric and per-channel only (group_size = in_features)")
                 tensors = {"qweight": q.contiguous(), "scales": d.to(torch.bfloat16).reshape(n)}
             else:
                 if not _aten_int4_ok(n, k, group):
@@ -398,7 +418,7 @@ class QuantizedLinear(nn.Module):
                 tensors = {"qweight": packed, "scales_and_zeros": sz.to(torch.bfloat16)}
         elif backend == "torch":
             tensors = {"qweight": q.contiguous(), "scales": d.contiguous()}
-            if bits == 4:
+            if m is not None:
                 tensors["mins"] = m.contiguous()
         else:
             raise ValueError(f"unknown backend {backend!r} (auto, prosa, aten, torch)")
@@ -406,11 +426,14 @@ class QuantizedLinear(nn.Module):
 
     @classmethod
     def from_float(cls, weight: torch.Tensor, bias: torch.Tensor | None = None, bits: int = 4,
-                   group_size: int | None = 32, backend: str = "auto") -> "QuantizedLinear":
-        """Quantize a float weight (N, K). ``group_size=None`` means per-channel (int8 only)."""
+                   group_size: int | None = 32, backend: str = "auto", symmetric: bool = False) -> "QuantizedLinear":
+        """Quantize a float weight (N, K). ``group_size=None`` means per-channel (int8 only). int8 is asymmetric
+        (``quantize_uint8``) unless ``symmetric`` (``quantize_int8``, which aten's kernel needs)."""
         if bits == 8:
-            q, d = quantize_int8(weight, group_size)
-            return cls.from_int(q, d, None, bias, backend)
+            if symmetric or backend == "aten":
+                q, d = quantize_int8(weight, group_size)
+                return cls.from_int(q, d, None, bias, backend)
+            return cls.from_int(*quantize_uint8(weight, group_size), bias, backend, bits=8)
         if bits == 4:
             if group_size is None:
                 raise ValueError("int4 needs a group_size (32, 64, 128 ...)")
@@ -419,9 +442,9 @@ class QuantizedLinear(nn.Module):
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, bits: int = 4, group_size: int | None = 32,
-                    backend: str = "auto") -> "QuantizedLinear":
-        """Quantize an ``nn.Linear``."""
-        return cls.from_float(linear.weight, linear.bias, bits, group_size, backend)
+                    backend: str = "auto", symmetric: bool = False) -> "QuantizedLinear":
+        """Quantize an ``nn.Linear`` (see ``from_float``)."""
+        return cls.from_float(linear.weight, linear.bias, bits, group_size, backend, symmetric)
 
     @classmethod
     def from_gguf(cls, raw, ggml_type, shape: tuple[int, int], bias: torch.Tensor | None = None,
@@ -438,14 +461,14 @@ class QuantizedLinear(nn.Module):
         return cls.from_int(q, d, m, bias, backend)
 
     @staticmethod
-    def _choose_backend(bits: int, n: int, k: int, group: int) -> str:
+    def _choose_backend(bits: int, n: int, k: int, group: int, asym: bool = True) -> str:
         ext = kernels()
         # the portable scalar path of the prosa kernels is slower than aten's; use it only as a last resort
         if k % 32 == 0 and group % 32 == 0 and ext is not None and ext.isa() != "scalar":
             return "prosa"
         if bits == 4 and _aten_int4_ok(n, k, group):
             return "aten"
-        if bits == 8 and group == k and hasattr(torch.ops.aten, "_weight_int8pack_mm"):
+        if bits == 8 and group == k and not asym and hasattr(torch.ops.aten, "_weight_int8pack_mm"):
             return "aten"
         return "torch"
 
@@ -454,9 +477,10 @@ class QuantizedLinear(nn.Module):
         """The plain format ``(q, d, m)`` of this layer, whatever its backend (inverse of ``from_int``)."""
         n, k = self.out_features, self.in_features
         if self.backend == "prosa":
-            q = _unpack_int8(self.qweight, n) if self.bits == 8 else _unpack_int4(self.qweight, n)
+            asym = "mins" in self._buffers
+            q = _unpack_int8(self.qweight, n, asym) if self.bits == 8 else _unpack_int4(self.qweight, n)
             d = _unpack_scales(self.scales, n)
-            m = _unpack_scales(self.mins, n) if self.bits == 4 else None
+            m = _unpack_scales(self.mins, n) if asym else None
             return q.contiguous(), d.contiguous(), None if m is None else m.contiguous()
         if self.backend == "torch":
             return self.qweight, self.scales, getattr(self, "mins", None)
@@ -474,7 +498,7 @@ class QuantizedLinear(nn.Module):
     def to_backend(self, backend: str) -> "QuantizedLinear":
         """The same quantized weights under another backend (a new module)."""
         q, d, m = self.to_int()
-        return QuantizedLinear.from_int(q, d, m, self.bias, backend)
+        return QuantizedLinear.from_int(q, d, m, self.bias, backend, bits=self.bits)
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The float weight (N, K) this layer multiplies by."""
@@ -498,6 +522,9 @@ class QuantizedLinear(nn.Module):
             if ext is None or x.device.type != "cpu":
                 return self.forward_reference(x)
             # the C++ op reshapes, casts to float32 and back itself
+            if self.bits == 8 and "mins" in b:   # asymmetric int8: the int4 kernels' arguments
+                fn = ext.linear_uint8_f32 if self.activations == "float" else ext.linear_uint8
+                return fn(x, b["qweight"], b["scales"], b["mins"], b["bias"], self.out_features, self.group_size)
             if self.activations == "float":
                 if self.bits == 4:
                     return ext.linear_int4_f32(x, b["qweight"], b["scales"], b["mins"], b["bias"], self.out_features,

@@ -95,7 +95,8 @@ def test_repacked_q4_1_is_exactly_the_file(bundled_gguf):
         w = floats[name].weight
         assert torch.equal(mod.dequantize(), w), name
         # dequantize, then quantize to the same format with prosa's own quantizer
-        again = QuantizedLinear.from_float(w, None, mod.bits, 32, backend=mod.backend)
+        again = QuantizedLinear.from_float(w, None, mod.bits, 32, backend=mod.backend,
+                                           symmetric="mins" not in mod._buffers)   # Q8_0 is symmetric
         parent, _, leaf = name.rpartition(".")
         setattr(requantized.model.get_submodule(parent) if parent else requantized.model, leaf, again)
         n += 1

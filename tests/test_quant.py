@@ -101,13 +101,15 @@ def test_prosa_dtypes_and_empty():
         assert rel(q(xt), q.forward_reference(xt)) < 0.01
 
 
-@pytest.mark.parametrize("bits,group", [(8, 32), (8, None), (4, 32), (4, 64)])
-def test_backends_hold_the_same_integers(bits, group):
+@pytest.mark.parametrize("bits,group,sym", [(8, 32, False), (8, 32, True), (8, None, False), (8, None, True),
+                                            (4, 32, False), (4, 64, False)])
+def test_backends_hold_the_same_integers(bits, group, sym):
     lin = linear(208, 256, bias=False)
-    ref = QuantizedLinear.from_linear(lin, bits, group, backend="torch")
+    ref = QuantizedLinear.from_linear(lin, bits, group, backend="torch", symmetric=sym)
     q0, d0, m0 = ref.to_int()
+    assert (m0 is None) == (bits == 8 and sym)
     for backend in ["prosa"] * (EXT is not None) + ["aten"] * HAS_ATEN4:
-        if not supported(backend, bits, group, 208, 256):
+        if not supported(backend, bits, group, 208, 256) or (backend == "aten" and bits == 8 and not sym):
             continue
         other = ref.to_backend(backend)
         q1, d1, m1 = other.to_int()

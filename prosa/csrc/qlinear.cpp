@@ -6,7 +6,7 @@
 //   int4: chunk = 8 k  -> 64 bytes: byte [r*4 + j] = Q[row r, k + j] | Q[row r, k + 4 + j] << 4   (Q in 0..15)
 // so one 512-bit load holds a 16-row x 4-k block and VPDPBUSD (u8 x s8 -> s32, 4 products per lane) makes one
 // lane per output row: no horizontal reductions anywhere. Scales (and int4 mins) are fp16, [tile][K/G][16].
-//   int8: W = d * (stored - 128)          int4: W = d * Q + m
+//   int8: W = d * (stored - 128), or with mins (asymmetric int8) W = d * stored + m          int4: W = d * Q + m
 // Activations are quantized on the fly to int8 in blocks of 32 along K (like llama.cpp's Q8_0 / Q8_1): x ~= dx * xq.
 // The result is the exact dot product of the dequantized weight with the block-quantized activation, accumulated
 // in int32 per block and float32 across blocks.
@@ -160,7 +160,7 @@ TGT void tile_avx512(const Args& a, int64_t tile0, int64_t m0) {
     const int64_t t = tile0 + j;
     w[j] = a.w + t * (K / chunk_k) * 64;
     dt[j] = a.d + t * ng * TILE;
-    mt[j] = INT4 ? a.mn + t * ng * TILE : nullptr;
+    mt[j] = a.mn ? a.mn + t * ng * TILE : nullptr;
     const int64_t valid = std::min<int64_t>(TILE, N - t * TILE);
     mask[j] = valid >= TILE ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << valid) - 1);
     const __m512 b0 = a.bias ? _mm512_maskz_loadu_ps(mask[j], a.bias + t * TILE) : _mm512_setzero_ps();
@@ -216,16 +216,16 @@ TGT void tile_avx512(const Args& a, int64_t tile0, int64_t m0) {
       for (int i = 0; i < MB; ++i) {
         const __m512 sx = _mm512_set1_ps(a.dx[(m0 + i) * nb + b]);
         // int8 is stored + 128: remove 128 * sum(xq) of the block
-        const __m512i corr = _mm512_set1_epi32(INT4 ? 0 : 128 * a.isum[(m0 + i) * nb + b]);
+        const __m512i corr = _mm512_set1_epi32(INT4 || a.mn ? 0 : 128 * a.isum[(m0 + i) * nb + b]);
         for (int j = 0; j < NT; ++j) {
           __m512i sum = idot[i][j][0];
           for (int u = 1; u < NACC; ++u) sum = _mm512_add_epi32(sum, idot[i][j][u]);
-          if (!INT4) sum = _mm512_sub_epi32(sum, corr);
+          if (!INT4 && !a.mn) sum = _mm512_sub_epi32(sum, corr);
           acc[i][j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum), _mm512_mul_ps(dv[j], sx), acc[i][j]);
         }
       }
     }
-    if (INT4) {
+    if (INT4 || a.mn) {  // int4 and asymmetric int8: + min * sum(x) of the group
       for (int j = 0; j < NT; ++j) {
         const __m512 mv = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(mt[j] + g * TILE)));
         for (int i = 0; i < MB; ++i)
@@ -286,14 +286,14 @@ void tile_rows_scalar(const Args& a, int64_t tile, int64_t M, int valid) {
               const uint8_t byte = w[(k / 8) * 64 + r * 4 + (k % 4)];
               q = (k % 8) < 4 ? (byte & 0x0F) : (byte >> 4);
             } else {
-              q = static_cast<int>(w[(k / 4) * 64 + r * 4 + (k % 4)]) - 128;
+              q = static_cast<int>(w[(k / 4) * 64 + r * 4 + (k % 4)]) - (a.mn ? 0 : 128);
             }
             idot += q * static_cast<int32_t>(xq[k]);
           }
           accg += static_cast<float>(idot) * a.dx[m * nb + b];
         }
         acc += accg * half_to_float(dt[g * TILE + r]);
-        if (INT4) acc += half_to_float(a.mn[tile * ng * TILE + g * TILE + r]) * a.gsum[m * ng + g];
+        if (a.mn) acc += half_to_float(a.mn[tile * ng * TILE + g * TILE + r]) * a.gsum[m * ng + g];
       }
       a.out[m * a.ldo + tile * TILE + r] = acc;
     }
@@ -315,10 +315,10 @@ torch::Tensor qlinear(const torch::Tensor& x_in, const torch::Tensor& w, const t
   const int64_t T = (N + TILE - 1) / TILE, ng = K / G;
   TORCH_CHECK(w.numel() == T * TILE * K / (INT4 ? 2 : 1), "packed weight has the wrong size for N, K");
   TORCH_CHECK(d.numel() == T * ng * TILE, "scales have the wrong size");
-  const uint16_t* mnp = nullptr;
-  if (INT4) {
+  const uint16_t* mnp = nullptr;  // int4 always has mins; int8 with mins is asymmetric (stored 0..255)
+  if (INT4 || (mn.has_value() && mn->defined())) {
     TORCH_CHECK(mn.has_value() && mn->scalar_type() == torch::kHalf && mn->is_contiguous() && mn->numel() == d.numel(),
-                "int4 needs float16 mins shaped like the scales");
+                "int4 and asymmetric int8 need float16 mins shaped like the scales");
     mnp = reinterpret_cast<const uint16_t*>(mn->data_ptr<at::Half>());
   }
   const float* bp = nullptr;
@@ -370,7 +370,7 @@ struct FArgs {
 
 #if PROSA_X86
 // MB activation rows x one tile (16 output rows). Two partial sums per row hide the FMA latency at MB = 1.
-template <int MB, bool INT4>
+template <int MB, bool INT4, bool ASYM>
 TGT void ftile_avx512(const FArgs& a, int64_t t, int64_t m0) {
   const int64_t K = a.K, G = a.G, ng = K / G;
   constexpr int64_t CK = INT4 ? 8 : 4;  // k per 64-byte chunk
@@ -378,7 +378,7 @@ TGT void ftile_avx512(const FArgs& a, int64_t t, int64_t m0) {
   const uint16_t* dt = a.d + t * ng * TILE;
   const int64_t valid = std::min<int64_t>(TILE, a.N - t * TILE);
   const __mmask16 mask = valid >= TILE ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << valid) - 1);
-  const __m512i bytemask = _mm512_set1_epi32(0x0F);
+  const __m512i bytemask = _mm512_set1_epi32(0x0F), bytes = _mm512_set1_epi32(0xFF);
   __m512 acc[MB];
   const __m512 b0 = a.bias ? _mm512_maskz_loadu_ps(mask, a.bias + t * TILE) : _mm512_setzero_ps();
   for (int i = 0; i < MB; ++i) acc[i] = b0;
@@ -388,12 +388,13 @@ TGT void ftile_avx512(const FArgs& a, int64_t t, int64_t m0) {
     for (int64_t c = g * (G / CK); c < (g + 1) * (G / CK); ++c) {
       const __m512i raw = _mm512_loadu_si512(w + c * 64);
       // int8: undo the +128 of the layout (xor) and sign-extend each byte; int4: each nibble as is
-      const __m512i v = INT4 ? raw : _mm512_xor_si512(raw, _mm512_set1_epi32(static_cast<int>(0x80808080u)));
+      const __m512i v = INT4 || ASYM ? raw : _mm512_xor_si512(raw, _mm512_set1_epi32(static_cast<int>(0x80808080u)));
       const int64_t k = c * CK;
 #pragma GCC unroll 4
       for (int j = 0; j < 4; ++j) {
         const __m512i lane = INT4 ? _mm512_and_si512(_mm512_srli_epi32(v, 8 * j), bytemask)
-                                  : _mm512_srai_epi32(_mm512_slli_epi32(v, 24 - 8 * j), 24);
+                             : ASYM ? _mm512_and_si512(_mm512_srli_epi32(v, 8 * j), bytes)
+                                    : _mm512_srai_epi32(_mm512_slli_epi32(v, 24 - 8 * j), 24);
         const __m512 wl = _mm512_cvtepi32_ps(lane);
         for (int i = 0; i < MB; ++i) s0[i] = _mm512_fmadd_ps(wl, _mm512_set1_ps(a.x[(m0 + i) * K + k + j]), s0[i]);
         if (INT4) {
@@ -404,7 +405,7 @@ TGT void ftile_avx512(const FArgs& a, int64_t t, int64_t m0) {
       }
     }
     const __m512 dv = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(dt + g * TILE)));
-    if (INT4) {
+    if (INT4 || ASYM) {
       const __m512 mv = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(a.mn + t * ng * TILE + g * TILE)));
       for (int i = 0; i < MB; ++i) {
         acc[i] = _mm512_fmadd_ps(dv, _mm512_add_ps(s0[i], s1[i]), acc[i]);
@@ -417,18 +418,25 @@ TGT void ftile_avx512(const FArgs& a, int64_t t, int64_t m0) {
   for (int i = 0; i < MB; ++i) _mm512_mask_storeu_ps(a.out + (m0 + i) * a.N + t * TILE, mask, acc[i]);
 }
 
-template <bool INT4>
-TGT void ftiles_avx512(const FArgs& a, int64_t t0, int64_t t1, int64_t M) {
+template <bool INT4, bool ASYM>
+TGT void ftiles_avx512_(const FArgs& a, int64_t t0, int64_t t1, int64_t M) {
   for (int64_t t = t0; t < t1; ++t) {
     int64_t m = 0;
-    for (; m + 4 <= M; m += 4) ftile_avx512<4, INT4>(a, t, m);
+    for (; m + 4 <= M; m += 4) ftile_avx512<4, INT4, ASYM>(a, t, m);
     switch (M - m) {
-      case 3: ftile_avx512<3, INT4>(a, t, m); break;
-      case 2: ftile_avx512<2, INT4>(a, t, m); break;
-      case 1: ftile_avx512<1, INT4>(a, t, m); break;
+      case 3: ftile_avx512<3, INT4, ASYM>(a, t, m); break;
+      case 2: ftile_avx512<2, INT4, ASYM>(a, t, m); break;
+      case 1: ftile_avx512<1, INT4, ASYM>(a, t, m); break;
       default: break;
     }
   }
+}
+
+template <bool INT4>
+TGT void ftiles_avx512(const FArgs& a, int64_t t0, int64_t t1, int64_t M) {
+  if (INT4) ftiles_avx512_<true, false>(a, t0, t1, M);
+  else if (a.mn) ftiles_avx512_<false, true>(a, t0, t1, M);
+  else ftiles_avx512_<false, false>(a, t0, t1, M);
 }
 #endif
 
@@ -446,12 +454,12 @@ void ftile_scalar(const FArgs& a, int64_t t, int64_t M) {
         float s = 0.f;
         for (int64_t k = g * G; k < (g + 1) * G; ++k) {
           const uint8_t byte = w[(k / CK) * 64 + r * 4 + (k % 4)];
-          const int q = INT4 ? ((k % 8) < 4 ? (byte & 0x0F) : (byte >> 4)) : static_cast<int>(byte) - 128;
+          const int q = INT4 ? ((k % 8) < 4 ? (byte & 0x0F) : (byte >> 4)) : static_cast<int>(byte) - (a.mn ? 0 : 128);
           s += static_cast<float>(q) * a.x[m * K + k];
         }
         const float xs = a.xsum[m * ng + g];
-        if (INT4) acc += half_to_float(dt[g * TILE + r]) * s + half_to_float(a.mn[t * ng * TILE + g * TILE + r]) * xs;
-        else acc += half_to_float(dt[g * TILE + r]) * s;
+        acc += half_to_float(dt[g * TILE + r]) * s;
+        if (a.mn) acc += half_to_float(a.mn[t * ng * TILE + g * TILE + r]) * xs;
       }
       a.out[m * a.N + t * TILE + r] = acc;
     }
@@ -471,10 +479,10 @@ torch::Tensor qlinear_f32(const torch::Tensor& x_in, const torch::Tensor& w, con
   const int64_t M = x.size(0), T = (N + TILE - 1) / TILE, ng = K / G;
   TORCH_CHECK(w.numel() == T * TILE * K / (INT4 ? 2 : 1), "packed weight has the wrong size for N, K");
   TORCH_CHECK(d.numel() == T * ng * TILE, "scales have the wrong size");
-  const uint16_t* mnp = nullptr;
-  if (INT4) {
+  const uint16_t* mnp = nullptr;  // int4 always has mins; int8 with mins is asymmetric (stored 0..255)
+  if (INT4 || (mn.has_value() && mn->defined())) {
     TORCH_CHECK(mn.has_value() && mn->scalar_type() == torch::kHalf && mn->is_contiguous() && mn->numel() == d.numel(),
-                "int4 needs float16 mins shaped like the scales");
+                "int4 and asymmetric int8 need float16 mins shaped like the scales");
     mnp = reinterpret_cast<const uint16_t*>(mn->data_ptr<at::Half>());
   }
   const float* bp = nullptr;
@@ -527,8 +535,9 @@ struct Lin {
   torch::Tensor operator()(const torch::Tensor& x) const {  // x (B, K) float32 contiguous -> (B, N)
     if (bits == 0) return bias.defined() ? at::addmm(bias, x, fw.t()) : at::mm(x, fw.t());
     const c10::optional<torch::Tensor> b = bias.defined() ? c10::optional<torch::Tensor>(bias) : c10::nullopt;
-    if (act8) return bits == 4 ? qlinear<true>(x, w, d, mn, b, n, g) : qlinear<false>(x, w, d, c10::nullopt, b, n, g);
-    return bits == 4 ? qlinear_f32<true>(x, w, d, mn, b, n, g) : qlinear_f32<false>(x, w, d, c10::nullopt, b, n, g);
+    const c10::optional<torch::Tensor> m = mn.defined() ? c10::optional<torch::Tensor>(mn) : c10::nullopt;
+    if (act8) return bits == 4 ? qlinear<true>(x, w, d, m, b, n, g) : qlinear<false>(x, w, d, m, b, n, g);
+    return bits == 4 ? qlinear_f32<true>(x, w, d, m, b, n, g) : qlinear_f32<false>(x, w, d, m, b, n, g);
   }
 };
 
@@ -657,6 +666,16 @@ torch::Tensor linear_int4_f32(const torch::Tensor& x, const torch::Tensor& w, co
   return qlinear_f32<true>(x, w, d, mn, bias, N, G);
 }
 
+torch::Tensor linear_uint8(const torch::Tensor& x, const torch::Tensor& w, const torch::Tensor& d,
+                           const torch::Tensor& mn, const c10::optional<torch::Tensor>& bias, int64_t N, int64_t G) {
+  return qlinear<false>(x, w, d, mn, bias, N, G);
+}
+
+torch::Tensor linear_uint8_f32(const torch::Tensor& x, const torch::Tensor& w, const torch::Tensor& d,
+                               const torch::Tensor& mn, const c10::optional<torch::Tensor>& bias, int64_t N, int64_t G) {
+  return qlinear_f32<false>(x, w, d, mn, bias, N, G);
+}
+
 std::string isa() { return (use_avx512() && !g_force_scalar) ? "avx512_vnni" : "scalar"; }
 void force_scalar(bool on) { g_force_scalar = on; }
 
@@ -692,6 +711,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("linear_int8_f32", &linear_int8_f32, "as linear_int8, with float32 activations (no activation rounding)",
         py::call_guard<py::gil_scoped_release>());
   m.def("linear_int4_f32", &linear_int4_f32, "as linear_int4, with float32 activations (no activation rounding)",
+        py::call_guard<py::gil_scoped_release>());
+  m.def("linear_uint8", &linear_uint8, "asymmetric int8 (stored 0..255, W = d q + m): as linear_int4's arguments",
+        py::call_guard<py::gil_scoped_release>());
+  m.def("linear_uint8_f32", &linear_uint8_f32, "asymmetric int8 with float32 activations",
         py::call_guard<py::gil_scoped_release>());
   m.def("isa", &isa, "the code path in use: avx512_vnni or scalar");
   m.def("force_scalar", &force_scalar, "use the portable path even where AVX-512 VNNI is available (tests)");
