@@ -27,21 +27,28 @@ def llama(tiny_checkpoint):
 
 
 class Counting:
-    """Wraps a model's forward to record the shape of every call."""
+    """Records the shape of every batch of tokens fed to the model: the caches it makes count each ``begin``
+    (the model's forward and the fused decode step both start there)."""
 
     def __init__(self, lm):
         self.lm, self.calls = lm, []
-        self.orig = lm.model.forward
+        self.orig = lm.model.make_cache
 
     def __enter__(self):
-        def fwd(input_ids, cache=None, attention_mask=None):
-            self.calls.append(tuple(input_ids.shape))
-            return self.orig(input_ids, cache, attention_mask)
-        self.lm.model.forward = fwd
+        def make_cache(batch_size):
+            cache = self.orig(batch_size)
+            begin = cache.begin
+
+            def counted(input_ids, attention_mask=None):
+                self.calls.append(tuple(input_ids.shape))
+                return begin(input_ids, attention_mask)
+            cache.begin = counted
+            return cache
+        self.lm.model.make_cache = make_cache
         return self
 
     def __exit__(self, *exc):
-        del self.lm.model.forward
+        del self.lm.model.make_cache
 
     @property
     def tokens(self) -> int:
