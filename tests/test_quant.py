@@ -219,3 +219,24 @@ def test_quantize_model_options():
     assert isinstance(model.model.layers[1].mlp.down_proj, QuantizedLinear)
     with pytest.raises(ValueError):
         quant.quantize_model(tiny_llama(), "int3")
+
+
+def test_q4_k_blocks_repack_with_float16_scales():
+    """Q4_K super-blocks -> int4 per 32: the nibbles exactly, ``d * sc`` and ``dmin * m`` rounded to float16
+    (relative error below 2^-11 of each scale). Random blocks with sane fp16 super-scales, against gguf-py."""
+    import numpy as np
+    from gguf import GGMLQuantizationType as Q, quants
+
+    rng = np.random.default_rng(0)
+    n, k = 48, 512
+    nb = n * k // 256
+    raw = rng.integers(0, 256, (nb, 144), dtype=np.uint8)
+    raw[:, 0:2] = (rng.random(nb) * 0.01 + 0.001).astype(np.float16).view(np.uint8).reshape(nb, 2)
+    raw[:, 2:4] = (rng.random(nb) * 0.01).astype(np.float16).view(np.uint8).reshape(nb, 2)
+    ref = torch.from_numpy(quants.dequantize(raw.reshape(n, -1), Q.Q4_K)).reshape(n, k)
+    bits, q, d, m = quant.gguf_to_int(raw, Q.Q4_K, (n, k))
+    assert bits == 4 and q.max() <= 15 and d.shape == m.shape == (n, k // 32)
+    w = quant.dequantize_int(q, d, m)
+    assert (w - ref).abs().max() <= 1e-3 * ref.abs().max()
+    lin = QuantizedLinear.from_gguf(raw, Q.Q4_K, (n, k))
+    assert torch.equal(lin.dequantize(), w)

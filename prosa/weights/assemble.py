@@ -8,7 +8,7 @@ loads in int4 without ever holding its 24 GB of float32.
 
 GGUF Q8_0 / Q4_0 / Q4_1 blocks that already are the requested format (Q8_0 for int8; Q4_x for int4, where the
 output layer is int8 and may come from a Q8_0 embedding) are repacked as integers, exactly, and never pass through
-float. The fused projections of the Llama family (``Model.FUSED``) concatenate their parts' integer rows, which is
+float; Q4_K blocks too in int4 mode, their 6-bit sub-block scales times the super-block scale rounded to float16. The fused projections of the Llama family (``Model.FUSED``) concatenate their parts' integer rows, which is
 exact too since groups run along the input dimension.
 """
 from __future__ import annotations
@@ -74,7 +74,7 @@ def _gguf_exact(model: nn.Module, ck: Any, mode: str, dtype: torch.dtype, device
     outputs = _output_names(model)
     tied = ck.config.get("tie_word_embeddings", True)
     embed = next((n for n in types if n.endswith(("embed_tokens.weight", "wte.weight", "embed_in.weight"))), None)
-    want = {8: ("Q8_0",), 4: ("Q4_0", "Q4_1")}
+    want = {8: ("Q8_0",), 4: ("Q4_0", "Q4_1", "Q4_K")}
     consumed: set[str] = set()
     for name, mod in list(model.named_modules()):
         if not isinstance(mod, nn.Linear):
@@ -99,7 +99,8 @@ def _gguf_exact(model: nn.Module, ck: Any, mode: str, dtype: torch.dtype, device
                                     f"{tuple(mod.weight.shape)}")
         layer = QuantizedLinear.from_int(q, d, m, None).to(device)
         _swap(model, name, layer)
-        report.formats[f"int{bits} (GGUF {next(iter(kinds))}, exact)"] += 1
+        kind = next(iter(kinds))
+        report.formats[f"int{bits} (GGUF {kind}, {'scales to fp16' if kind == 'Q4_K' else 'exact'})"] += 1
         consumed.update(s for s in sources if s != embed)   # the embedding itself is still needed as float
     return consumed
 

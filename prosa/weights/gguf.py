@@ -458,14 +458,15 @@ class GGUFCheckpoint:
                 for info, hf_name, part in self._entries}
 
     def int_weight(self, hf_name: str):
-        """A Q8_0 / Q4_0 / Q4_1 weight as integers, exactly: ``(bits, q, d, m)`` (see ``prosa.quant.gguf_to_int``),
-        in ``nn.Linear`` orientation (out, in) with llama.cpp's Q/K row order undone; None for other types."""
+        """A Q8_0 / Q4_0 / Q4_1 weight as integers, exactly, or a Q4_K one with float16 scales:
+        ``(bits, q, d, m)`` (see ``prosa.quant.gguf_to_int``), in ``nn.Linear`` orientation (out, in) with
+        llama.cpp's Q/K row order undone; None for other types."""
         from ..quant import gguf_to_int
 
         for info, name, part in self._entries:
             if name != hf_name:
                 continue
-            if Q(info.ggml_type).name not in ("Q8_0", "Q4_0", "Q4_1") or len(info.shape) != 2:
+            if Q(info.ggml_type).name not in ("Q8_0", "Q4_0", "Q4_1", "Q4_K") or len(info.shape) != 2:
                 return None
             raw = np.frombuffer(self._mm, np.uint8, info.nbytes, info.start)
             bits, q, d, m = gguf_to_int(raw, info.ggml_type, info.shape)
