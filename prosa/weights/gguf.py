@@ -214,7 +214,7 @@ def dequantize(raw: torch.Tensor, ggml_type: int, shape: tuple[int, ...]) -> tor
 
 
 @contextmanager
-def _one_thread() -> Iterator[None]:
+def one_thread() -> Iterator[None]:
     """Run a tensor's dequantization on one thread. It is a few cheap elementwise passes, and with intra-op threads
     each pass is a parallel region whose barrier waits for every core: on a busy 2-core machine the 135M model took
     10 s (and 6x the CPU time) instead of 1.5 s. Restored before the tensor is handed over."""
@@ -438,7 +438,7 @@ class GGUFCheckpoint:
         for info, hf_name, part in self._entries:
             if hf_name in skip:
                 continue
-            with _one_thread():
+            with one_thread():
                 w = _read(self._mm, info)
                 if self._arch.permute_qk and part in ("attn_q", "attn_k"):
                     w = _unpermute(w, self._heads(part))
