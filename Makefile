@@ -37,6 +37,7 @@ test: setup-dev
 # (make bench-peers), CTranslate2 and llama.cpp, each configuration in a fresh process, same run -> docs/benchmarks.md
 bench: setup-dev
 	$(BIN)/python bench/run.py
+	$(BIN)/python bench/quality.py --output docs/benchmarks.md
 
 # The few-minute subset CI runs; writes outside docs/ so that the committed table is not overwritten.
 bench-quick: setup-dev

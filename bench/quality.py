@@ -24,6 +24,7 @@ PROMPTS = ["A story about a man and a dog", "The capital of France is", "def fib
            "The three most important things in life are", "Water boils at"]
 FORMATS = ["none", "bf16", "int8", "int4"]
 TARGETS = {"int8": 1.0, "int4": 5.0}     # % perplexity above float32
+SECTION = "Quality of the weight formats"
 
 
 def measure(quick: bool = False, model: str | None = None) -> dict:
@@ -76,8 +77,18 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="a shorter text and 16 tokens (CI)")
     p.add_argument("-m", "--model", default=None, help="model (default: the bundled SmolLM2)")
+    p.add_argument("--output", default=None,
+                   help="write the section into this markdown file (replacing an earlier one) instead of printing it")
     args = p.parse_args(argv)
-    print(markdown(measure(args.quick, args.model)))
+    section = f"## {SECTION}\n\n{__doc__.strip().splitlines()[0]}\n\n{markdown(measure(args.quick, args.model))}\n"
+    if args.output is None:
+        print(section)
+        return 0
+    out = Path(args.output)
+    text = out.read_text(encoding="utf-8") if out.exists() else ""
+    parts = text.split("\n## ")
+    kept = [parts[0]] + [p for p in parts[1:] if not p.startswith(SECTION)]
+    out.write_text("\n## ".join(kept).rstrip() + "\n\n" + section, encoding="utf-8")
     return 0
 
 

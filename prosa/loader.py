@@ -10,6 +10,7 @@ import logging
 import math
 import os
 import sys
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator
@@ -168,8 +169,23 @@ def build_model(config: dict[str, Any]) -> torch.nn.Module:
     """The native model for ``config`` on the meta device (no memory for weights)."""
     module = models.get_module(config.get("model_type"))
     args = module.ModelArgs.from_dict(config)
-    with torch.device("meta"):
+    with torch.device("meta"), _no_init():
         return module.Model(args)
+
+
+@contextmanager
+def _no_init() -> Iterator[None]:
+    """Skip the random initialisation of layers being built for a checkpoint: on the meta device it does nothing
+    useful, and ``normal_`` on meta tensors imports ``torch._dynamo`` (1.5-2 s and ~100 MB on a first load)."""
+    layers = (torch.nn.Linear, torch.nn.Embedding, torch.nn.LayerNorm)
+    saved = [(cls, cls.__dict__["reset_parameters"]) for cls in layers if "reset_parameters" in cls.__dict__]
+    for cls, _ in saved:
+        cls.reset_parameters = lambda self: None
+    try:
+        yield
+    finally:
+        for cls, fn in saved:
+            cls.reset_parameters = fn
 
 
 def load(name_or_path: str | os.PathLike | None = None, *, dtype: str | torch.dtype = "auto",

@@ -226,9 +226,18 @@ def one_thread() -> Iterator[None]:
         torch.set_num_threads(threads)
 
 
+def _release(mm: mmap.mmap, info: _TensorInfo) -> None:
+    """Unmap the file pages of a tensor just copied out (they stay in the page cache; RSS drops by their size)."""
+    lo = info.start // mmap.PAGESIZE * mmap.PAGESIZE
+    hi = min(-(-(info.start + info.nbytes) // mmap.PAGESIZE) * mmap.PAGESIZE, len(mm))
+    if hasattr(mm, "madvise") and hi > lo:
+        mm.madvise(mmap.MADV_DONTNEED, lo, hi - lo)
+
+
 def _read(mm: mmap.mmap, info: _TensorInfo) -> torch.Tensor:
     """One tensor, dequantized. A single copy out of the page cache, so the result owns its memory."""
     raw = torch.from_numpy(np.frombuffer(mm, np.uint8, info.nbytes, info.start).copy())
+    _release(mm, info)
     return dequantize(raw, info.ggml_type, info.shape)
 
 
@@ -468,7 +477,8 @@ class GGUFCheckpoint:
                 continue
             if Q(info.ggml_type).name not in ("Q8_0", "Q4_0", "Q4_1", "Q4_K") or len(info.shape) != 2:
                 return None
-            raw = np.frombuffer(self._mm, np.uint8, info.nbytes, info.start)
+            raw = np.frombuffer(self._mm, np.uint8, info.nbytes, info.start).copy()
+            _release(self._mm, info)
             bits, q, d, m = gguf_to_int(raw, info.ggml_type, info.shape)
             if self._arch.permute_qk and part in ("attn_q", "attn_k"):
                 order = _unpermute(torch.arange(info.shape[0])[:, None], self._heads(part))[:, 0]

@@ -1,0 +1,39 @@
+"""``bench/run.py --quick``: the benchmark harness runs end to end and writes a complete table."""
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.slow
+def test_quick_benchmark_writes_table(tmp_path: Path) -> None:
+    out = tmp_path / "bench.md"
+    p = subprocess.run([sys.executable, str(ROOT / "bench" / "run.py"), "--quick", "--output", str(out)],
+                       cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
+    text = out.read_text()
+    assert "QUICK MODE" in text and "CPU flags:" in text and "torch " in text and "transformers " in text
+
+    header = next(line for line in text.splitlines() if line.startswith("| system |"))
+    for col in ("model", "format", "sequences", "decode tok/s", "time to first token", "peak RSS", "weights",
+                "other load"):
+        assert col in header
+    rows = [[c.strip() for c in line.strip("|").split("|")] for line in text.splitlines()
+            if line.startswith(("| prosa |", "| transformers |"))]
+    got = {(r[0], r[2], r[3]) for r in rows}
+    assert got == {("prosa", "int4", "1"), ("prosa", "none", "1"), ("prosa", "int4", "8"),
+                   ("prosa", "int8", "1"), ("transformers", "float32", "1")}
+    for r in rows:
+        tok_s, ttft, rss, weights = (float(re.match(r"[\d.]+", c).group()) for c in r[4:8])
+        assert tok_s > 0 and 0 < ttft < 600 and rss > 50 and weights > 1, r
+
+    targets = text.split("## Targets", 1)[1]
+    assert re.search(r"GPT-2-shaped prosa int8 / transformers fp32 .*\| [\d.]+x \|", targets)
+    assert re.search(r"time to first token .*prosa int4 \| [\d.]+ s \| ≤ 3 s \| (PASS|MISS)", targets)
+    assert "not measured in --quick" in targets or "not installed" in targets
