@@ -300,56 +300,82 @@ void tile_rows_scalar(const Args& a, int64_t tile, int64_t M, int valid) {
   }
 }
 
+// The arguments both kernel families take, checked once: x as contiguous float32 (M, K), the output tensor
+// (x's leading dims, N), the mins (int4; int8 with mins is asymmetric, stored 0..255) and bias pointers.
+struct Call {
+  torch::Tensor x, out;
+  int64_t M = 0, K = 0, T = 0;
+  const uint16_t* mn = nullptr;
+  const float* bias = nullptr;
+};
+
+template <bool INT4>
+Call prepare(const torch::Tensor& x_in, const torch::Tensor& w, const torch::Tensor& d,
+             const c10::optional<torch::Tensor>& mn, const c10::optional<torch::Tensor>& bias, int64_t N, int64_t G,
+             int64_t k_multiple) {
+  TORCH_CHECK(x_in.dim() >= 1 && x_in.is_floating_point() && x_in.device().is_cpu(), "x must be a float CPU tensor (..., K)");
+  Call c;
+  c.K = x_in.size(-1);
+  c.x = (x_in.dim() == 2 && x_in.scalar_type() == torch::kFloat && x_in.is_contiguous())
+            ? x_in : x_in.reshape({-1, c.K}).to(torch::kFloat).contiguous();
+  c.M = c.x.size(0);
+  c.T = (N + TILE - 1) / TILE;
+  TORCH_CHECK(w.scalar_type() == torch::kUInt8 && w.is_contiguous(), "packed weight must be contiguous uint8");
+  TORCH_CHECK(d.scalar_type() == torch::kHalf && d.is_contiguous(), "scales must be contiguous float16");
+  TORCH_CHECK(G > 0 && c.K % G == 0 && G % k_multiple == 0, "K must be a multiple of the group size, which must be "
+              "a multiple of ", k_multiple);
+  TORCH_CHECK(w.numel() == c.T * TILE * c.K / (INT4 ? 2 : 1), "packed weight has the wrong size for N, K");
+  TORCH_CHECK(d.numel() == c.T * (c.K / G) * TILE, "scales have the wrong size");
+  if (INT4 || (mn.has_value() && mn->defined())) {
+    TORCH_CHECK(mn.has_value() && mn->scalar_type() == torch::kHalf && mn->is_contiguous() && mn->numel() == d.numel(),
+                "int4 and asymmetric int8 need float16 mins shaped like the scales");
+    c.mn = reinterpret_cast<const uint16_t*>(mn->data_ptr<at::Half>());
+  }
+  if (bias.has_value() && bias->defined()) {
+    TORCH_CHECK(bias->numel() == N && bias->scalar_type() == torch::kFloat && bias->is_contiguous(),
+                "bias must be contiguous float32 with N elements");
+    c.bias = bias->data_ptr<float>();
+  }
+  std::vector<int64_t> out_shape(x_in.sizes().begin(), x_in.sizes().end());
+  out_shape.back() = N;
+  c.out = torch::empty(out_shape, c.x.options());
+  return c;
+}
+
+// Run tiles(t0, t1) over [0, T): ~16 KB of weights per task at least, so that small layers do not pay for waking
+// threads they cannot feed, and no OpenMP region at all (at::parallel_for enters one even for one task) when there
+// is nothing to share.
+template <typename F>
+void for_tiles(int64_t T, int64_t M, int64_t K, bool int4, const F& tiles) {
+  const int64_t tile_bytes = TILE * K / (int4 ? 2 : 1);
+  const int64_t grain = std::max<int64_t>(1, (16384 / std::max<int64_t>(1, M)) / tile_bytes);
+  if (T <= grain || at::get_num_threads() == 1) tiles(0, T); else at::parallel_for(0, T, grain, tiles);
+}
+
+inline torch::Tensor in_dtype_of(const torch::Tensor& out, const torch::Tensor& x_in) {
+  return out.scalar_type() == x_in.scalar_type() ? out : out.to(x_in.scalar_type());
+}
+
 template <bool INT4>
 torch::Tensor qlinear(const torch::Tensor& x_in, const torch::Tensor& w, const torch::Tensor& d,
                       const c10::optional<torch::Tensor>& mn, const c10::optional<torch::Tensor>& bias, int64_t N,
                       int64_t G) {
-  TORCH_CHECK(x_in.dim() >= 1 && x_in.is_floating_point() && x_in.device().is_cpu(), "x must be a float CPU tensor (..., K)");
-  const int64_t K = x_in.size(-1);
-  const torch::Tensor x = (x_in.dim() == 2 && x_in.scalar_type() == torch::kFloat && x_in.is_contiguous())
-                              ? x_in : x_in.reshape({-1, K}).to(torch::kFloat).contiguous();
-  TORCH_CHECK(w.scalar_type() == torch::kUInt8 && w.is_contiguous(), "packed weight must be contiguous uint8");
-  TORCH_CHECK(d.scalar_type() == torch::kHalf && d.is_contiguous(), "scales must be contiguous float16");
-  const int64_t M = x.size(0);
-  TORCH_CHECK(K % XB == 0 && G % XB == 0 && K % G == 0, "K and the group size must be multiples of 32, K of G");
-  const int64_t T = (N + TILE - 1) / TILE, ng = K / G;
-  TORCH_CHECK(w.numel() == T * TILE * K / (INT4 ? 2 : 1), "packed weight has the wrong size for N, K");
-  TORCH_CHECK(d.numel() == T * ng * TILE, "scales have the wrong size");
-  const uint16_t* mnp = nullptr;  // int4 always has mins; int8 with mins is asymmetric (stored 0..255)
-  if (INT4 || (mn.has_value() && mn->defined())) {
-    TORCH_CHECK(mn.has_value() && mn->scalar_type() == torch::kHalf && mn->is_contiguous() && mn->numel() == d.numel(),
-                "int4 and asymmetric int8 need float16 mins shaped like the scales");
-    mnp = reinterpret_cast<const uint16_t*>(mn->data_ptr<at::Half>());
-  }
-  const float* bp = nullptr;
-  if (bias.has_value() && bias->defined()) {
-    TORCH_CHECK(bias->numel() == N && bias->scalar_type() == torch::kFloat && bias->is_contiguous(),
-                "bias must be contiguous float32 with N elements");
-    bp = bias->data_ptr<float>();
-  }
-  std::vector<int64_t> out_shape(x_in.sizes().begin(), x_in.sizes().end());
-  out_shape.back() = N;
-  auto out = torch::empty(out_shape, x.options());
-  if (M == 0 || N == 0) return out.to(x_in.scalar_type());
+  Call c = prepare<INT4>(x_in, w, d, mn, bias, N, G, XB);
+  const int64_t M = c.M, K = c.K;
+  if (M == 0 || N == 0) return in_dtype_of(c.out, x_in);
   const bool avx = use_avx512() && !g_force_scalar;
   thread_local QuantX q;
-  quantize_x(x.data_ptr<float>(), M, K, G, avx, q);
-  Args a{w.data_ptr<uint8_t>(), reinterpret_cast<const uint16_t*>(d.data_ptr<at::Half>()), mnp, q.xq.data(),
-         q.dx.data(), q.isum.data(), q.gsum.data(), bp,
-         out.data_ptr<float>(), K, G, N};
-  // ~16 KB of weights per task at least, so tiny layers do not pay for waking threads they cannot feed
-  const int64_t tile_bytes = TILE * K / (INT4 ? 2 : 1);
-  const int64_t grain = std::max<int64_t>(1, (16384 / std::max<int64_t>(1, M)) / tile_bytes);
-  const auto tiles = [&](int64_t t0, int64_t t1) {
+  quantize_x(c.x.data_ptr<float>(), M, K, G, avx, q);
+  Args a{w.data_ptr<uint8_t>(), reinterpret_cast<const uint16_t*>(d.data_ptr<at::Half>()), c.mn, q.xq.data(),
+         q.dx.data(), q.isum.data(), q.gsum.data(), c.bias, c.out.data_ptr<float>(), K, G, N};
+  for_tiles(c.T, M, K, INT4, [&](int64_t t0, int64_t t1) {
 #if PROSA_X86
     if (avx) { tiles_avx512<INT4>(a, t0, t1, M); return; }
 #endif
     for (int64_t t = t0; t < t1; ++t)
       tile_rows_scalar<INT4>(a, t, M, static_cast<int>(std::min<int64_t>(TILE, N - t * TILE)));
-  };
-  // at::parallel_for enters an OpenMP region even for one task; skip it when there is nothing to share
-  if (T <= grain || at::get_num_threads() == 1) tiles(0, T); else at::parallel_for(0, T, grain, tiles);
-  return out.scalar_type() == x_in.scalar_type() ? out : out.to(x_in.scalar_type());
+  });
+  return in_dtype_of(c.out, x_in);
 }
 
 
@@ -469,53 +495,27 @@ template <bool INT4>
 torch::Tensor qlinear_f32(const torch::Tensor& x_in, const torch::Tensor& w, const torch::Tensor& d,
                           const c10::optional<torch::Tensor>& mn, const c10::optional<torch::Tensor>& bias, int64_t N,
                           int64_t G) {
-  TORCH_CHECK(x_in.dim() >= 1 && x_in.is_floating_point() && x_in.device().is_cpu(), "x must be a float CPU tensor (..., K)");
-  const int64_t K = x_in.size(-1);
-  const torch::Tensor x = (x_in.dim() == 2 && x_in.scalar_type() == torch::kFloat && x_in.is_contiguous())
-                              ? x_in : x_in.reshape({-1, K}).to(torch::kFloat).contiguous();
-  TORCH_CHECK(w.scalar_type() == torch::kUInt8 && w.is_contiguous(), "packed weight must be contiguous uint8");
-  TORCH_CHECK(d.scalar_type() == torch::kHalf && d.is_contiguous(), "scales must be contiguous float16");
-  TORCH_CHECK(G > 0 && K % G == 0 && G % (INT4 ? 8 : 4) == 0, "K must be a multiple of the group size");
-  const int64_t M = x.size(0), T = (N + TILE - 1) / TILE, ng = K / G;
-  TORCH_CHECK(w.numel() == T * TILE * K / (INT4 ? 2 : 1), "packed weight has the wrong size for N, K");
-  TORCH_CHECK(d.numel() == T * ng * TILE, "scales have the wrong size");
-  const uint16_t* mnp = nullptr;  // int4 always has mins; int8 with mins is asymmetric (stored 0..255)
-  if (INT4 || (mn.has_value() && mn->defined())) {
-    TORCH_CHECK(mn.has_value() && mn->scalar_type() == torch::kHalf && mn->is_contiguous() && mn->numel() == d.numel(),
-                "int4 and asymmetric int8 need float16 mins shaped like the scales");
-    mnp = reinterpret_cast<const uint16_t*>(mn->data_ptr<at::Half>());
-  }
-  const float* bp = nullptr;
-  if (bias.has_value() && bias->defined()) {
-    TORCH_CHECK(bias->numel() == N && bias->scalar_type() == torch::kFloat && bias->is_contiguous(),
-                "bias must be contiguous float32 with N elements");
-    bp = bias->data_ptr<float>();
-  }
-  std::vector<int64_t> out_shape(x_in.sizes().begin(), x_in.sizes().end());
-  out_shape.back() = N;
-  auto out = torch::empty(out_shape, x.options());
-  if (M == 0 || N == 0) return out.to(x_in.scalar_type());
-  const float* xp = x.data_ptr<float>();
-  std::vector<float> xsum(M * ng);
+  Call c = prepare<INT4>(x_in, w, d, mn, bias, N, G, INT4 ? 8 : 4);
+  const int64_t M = c.M, K = c.K, ng = K / G;
+  if (M == 0 || N == 0) return in_dtype_of(c.out, x_in);
+  const float* xp = c.x.data_ptr<float>();
+  std::vector<float> xsum(M * ng);   // sum of x over each group: the mins' term
   for (int64_t m = 0; m < M; ++m)
     for (int64_t g = 0; g < ng; ++g) {
       float s = 0.f;
       for (int64_t k = g * G; k < (g + 1) * G; ++k) s += xp[m * K + k];
       xsum[m * ng + g] = s;
     }
-  FArgs a{w.data_ptr<uint8_t>(), reinterpret_cast<const uint16_t*>(d.data_ptr<at::Half>()), mnp, xp, xsum.data(), bp,
-          out.data_ptr<float>(), K, G, N};
+  FArgs a{w.data_ptr<uint8_t>(), reinterpret_cast<const uint16_t*>(d.data_ptr<at::Half>()), c.mn, xp, xsum.data(),
+          c.bias, c.out.data_ptr<float>(), K, G, N};
   const bool avx = use_avx512() && !g_force_scalar;
-  const int64_t tile_bytes = TILE * K / (INT4 ? 2 : 1);
-  const int64_t grain = std::max<int64_t>(1, (16384 / std::max<int64_t>(1, M)) / tile_bytes);
-  const auto tiles = [&](int64_t t0, int64_t t1) {
+  for_tiles(c.T, M, K, INT4, [&](int64_t t0, int64_t t1) {
 #if PROSA_X86
     if (avx) { ftiles_avx512<INT4>(a, t0, t1, M); return; }
 #endif
     for (int64_t t = t0; t < t1; ++t) ftile_scalar<INT4>(a, t, M);
-  };
-  if (T <= grain || at::get_num_threads() == 1) tiles(0, T); else at::parallel_for(0, T, grain, tiles);
-  return out.scalar_type() == x_in.scalar_type() ? out : out.to(x_in.scalar_type());
+  });
+  return in_dtype_of(c.out, x_in);
 }
 
 // ============================================================================ fused decode step (Llama family)
