@@ -29,12 +29,14 @@ Step = Callable[[torch.Tensor, KVCache], torch.Tensor]
 def decode_step(model: nn.Module) -> Step:
     """The fastest available ``step(tokens (B, 1), cache) -> logits (B, 1, V)`` for ``model``.
 
-    The fused step is built once per model and kept on it (``model._prosa_fused``); it reads the model's current
-    weights, so swapping layers afterwards (``quantize_model``) rebuilds it.
+    The fused step is built once per model and kept on it (``model._prosa_fused``). It holds the model's weight
+    tensors themselves, so in-place updates reach it; swapping layers (``quantize_model``), replacing or moving
+    tensors (``load_state_dict(assign=True)``, ``model.to(...)``) or switching activations rebuilds it.
     """
     if os.environ.get("PROSA_FUSED") == "0":
         return model
-    key = tuple((id(m), getattr(m, "activations", None)) for m in model.modules())
+    key = (tuple((id(m), getattr(m, "activations", None)) for m in model.modules()),
+           tuple(t.data_ptr() for t in model.state_dict().values()))
     cached = getattr(model, "_prosa_fused", None)
     if cached is not None and cached[0] == key:
         return cached[1]

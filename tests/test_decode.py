@@ -83,3 +83,6 @@ def test_swapping_layers_rebuilds_the_step(tiny_checkpoint):
     quant.quantize_model(lm.model, "int8", 32)
     assert decode_step(lm.model) is not first
     assert decode_step(lm.model) is decode_step(lm.model)
+    second = decode_step(lm.model)
+    lm.model.model.norm.weight = torch.nn.Parameter(lm.model.model.norm.weight.detach().clone())   # a new tensor
+    assert decode_step(lm.model) is not second
