@@ -204,58 +204,6 @@ def bench_shape(cands, n: int, k: int, ms, args) -> dict:
 
 
 # ------------------------------------------------------------------------------------------- end-to-end decoding
-# checkpoint projections a prosa model fuses into one linear (row-wise concatenation), as Model.sanitize does
-FUSED = {"self_attn.qkv_proj": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
-         "mlp.gate_up_proj": ("mlp.gate_proj", "mlp.up_proj")}
-
-
-def gguf_quantized_linears(model: torch.nn.Module, path) -> int:
-    """Replace the model's linears by ``QuantizedLinear``s built straight from the GGUF file's Q4_0/Q4_1/Q8_0
-    blocks (the tied lm_head from the Q8_0 embedding; fused projections by concatenating the parts' integer rows).
-    Returns how many were replaced.
-
-    Uses prosa.weights.gguf internals (``_entries``, ``_mm``, ``_unpermute``): a loader hook would expose the raw
-    blocks properly."""
-    import numpy as np
-
-    from prosa import quant
-    from prosa.weights import gguf as G
-
-    ck = G.load_gguf(path)
-    cfg = ck.config
-    ints = {}  # HF module name -> (bits, q, d, m)
-    for info, hf_name, part in ck._entries:
-        if G.Q(info.ggml_type).name not in ("Q4_0", "Q4_1", "Q8_0") or not hf_name.endswith(".weight"):
-            continue
-        raw = np.frombuffer(ck._mm, np.uint8, info.nbytes, info.start)
-        bits, q, d, m = quant.gguf_to_int(raw, info.ggml_type, info.shape)
-        if G.ARCHS[cfg["model_type"]].permute_qk and part in ("attn_q", "attn_k"):
-            heads = cfg["num_attention_heads"] if part == "attn_q" else cfg["num_key_value_heads"]
-            order = G._unpermute(torch.arange(info.shape[0])[:, None], heads)[:, 0]
-            q, d, m = q[order], d[order], None if m is None else m[order]
-        name = hf_name[:-len(".weight")]
-        ints[name] = (bits, q, d, m)
-        if name == "model.embed_tokens" and cfg.get("tie_word_embeddings"):
-            ints["lm_head"] = ints[name]
-    done = 0
-    for name, mod in list(model.named_modules()):
-        if not isinstance(mod, torch.nn.Linear):
-            continue
-        parts = [name]
-        for fused, pieces in FUSED.items():
-            if name.endswith(fused):
-                parts = [name[:-len(fused)] + p for p in pieces]
-        if not all(p in ints for p in parts) or len({ints[p][0] for p in parts}) != 1:
-            continue
-        q = torch.cat([ints[p][1] for p in parts])
-        d = torch.cat([ints[p][2] for p in parts])
-        m = None if ints[parts[0]][3] is None else torch.cat([ints[p][3] for p in parts])
-        parent, leaf = name.rsplit(".", 1) if "." in name else ("", name)
-        setattr(model.get_submodule(parent) if parent else model, leaf, quant.QuantizedLinear.from_int(q, d, m, mod.bias))
-        done += 1
-    return done
-
-
 def decode_bench(args) -> None:
     """Greedy single-stream decoding of the bundled model: tok/s per configuration, all in one process."""
     import copy
@@ -265,7 +213,7 @@ def decode_bench(args) -> None:
     from prosa.loader import default_model
 
     path = default_model()
-    lm = prosa.load(path, dtype="float32")
+    lm = prosa.load(path, dtype="float32", quantize="none")   # the float reference; formats are applied below
     base = lm.model.eval()
     prompt = lm.tokenizer.encode("A story about a man and a dog")
     configs = {"fp32 eager": lambda m: m}
@@ -273,7 +221,8 @@ def decode_bench(args) -> None:
     configs["int4 g32 + lm_head int8 (prosa)"] = lambda m: quant.quantize_model(m, "int4", 32, lm_head="int8")
     configs["int4 g32 + lm_head int4 (prosa)"] = lambda m: quant.quantize_model(m, "int4", 32, lm_head="same")
     if str(path).endswith(".gguf"):
-        configs["GGUF blocks as-is (Q4_1 + Q8_0 head, prosa)"] = lambda m: (gguf_quantized_linears(m, path), m)[1]
+        # the loader's exact repacking of the file's Q4_1 / Q8_0 blocks (prosa.weights.assemble)
+        configs["GGUF blocks as-is (Q4_1 + Q8_0 head, prosa)"] = lambda m: prosa.load(path, quantize="int4").model
     configs["int4 g32 + lm_head int8 (aten, bf16 act)"] = lambda m: quant.quantize_model(
         m, "int4", 32, lm_head="int8", backend="aten")
     only = re.compile(args.only) if args.only else None
