@@ -30,8 +30,8 @@ Two ways to turn a conversation into a prompt:
   attempt bans every token holding a newline and drops a leading ``Name:`` tag instead of ending there. Only
   eos as the very first token gives an empty reply by design.
 
-Every turn re-renders the whole conversation; a ``PromptCache`` keeps the keys/values of the previous prompt
-and reply, so only the tokens after their longest common prefix run through the model. A conversation that
+Every turn re-renders the whole conversation; the engine's prefix cache (``prosa.engine``) still holds the keys
+and values of the previous prompt and reply, so only the tokens after their common prefix run through the model. A conversation that
 outgrows the context window loses its oldest exchanges first (the system prompt is kept), with a notice.
 """
 from __future__ import annotations
@@ -44,11 +44,9 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping, Sequence
 
-import torch
 
 from . import chat_template
 from .errors import ProsaError
-from .generate import PromptCache, StopMatcher
 from .sampling import SamplingParams
 
 __all__ = ["Chat", "reply", "stream_reply", "ChatNotice", "SETTABLE", "check_settings", "parse_setting",
@@ -384,15 +382,6 @@ def _newline_bans(tokenizer) -> tuple[tuple[int], ...]:
     return _NEWLINE_IDS[tokenizer]
 
 
-def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
-    n = 0
-    for x, y in zip(a, b):
-        if x != y:
-            break
-        n += 1
-    return n
-
-
 # -- generation -------------------------------------------------------------------------------------------------------
 @dataclass
 class _Outcome:
@@ -434,7 +423,7 @@ class _Plan:
 
     ids: list[int]
     dropped: int
-    kwargs: dict[str, Any]          # for lm.stream / lm.events (no seed, no prompt_cache)
+    kwargs: dict[str, Any]          # for lm.stream / lm.events (no seed)
     greedy: bool
     speakers: SpeakerLines | None   # transcript mode
 
@@ -479,8 +468,7 @@ def _attempt_kwargs(lm, plan: _Plan, attempt: int) -> tuple[dict[str, Any], bool
 class _Collector:
     """Turns one sample's streamed text into the shown reply: speaker-line cut (transcript) and stripping."""
 
-    def __init__(self, speakers: SpeakerLines | None, strip_leading: bool = False, stops: Sequence[str] = ()):
-        self.stopper = StopMatcher(stops) if stops else None     # stop strings, when the engine does not check them
+    def __init__(self, speakers: SpeakerLines | None, strip_leading: bool = False):
         self.filter = _SpeakerFilter(speakers, strip_leading) if speakers else None
         self.trim = _Trim()
         self.pieces: list[str] = []
@@ -496,12 +484,6 @@ class _Collector:
             self.first_token = token_ids[0]
         self.tokens += len(token_ids)
         stopped = False
-        if self.stopper is not None:
-            text, hit = self.stopper.feed(text)
-            if hit is not None:
-                finish_reason = "stop"
-            elif finish_reason:
-                text += self.stopper.flush()
         if self.filter is not None:
             text, stopped = self.filter.feed(text)
             if finish_reason and not stopped:
@@ -526,7 +508,7 @@ class _Collector:
 
 
 def _generate(lm, messages: list[dict[str, str]], opts: _Options, settings: dict[str, Any],
-              prompt_cache: PromptCache | None, next_seed: Callable[[], int | None],
+              next_seed: Callable[[], int | None],
               should_stop: Callable[[], bool], outcome: _Outcome, notice: Callable[[str], None],
               plan: _Plan | None = None, first_attempt: int = 0) -> Iterator[str]:
     """Stream one assistant reply to ``messages`` (whose last message is the user's); fills ``outcome``.
@@ -541,11 +523,11 @@ def _generate(lm, messages: list[dict[str, str]], opts: _Options, settings: dict
         outcome.attempts = attempt + 1
         kwargs, last = _attempt_kwargs(lm, plan, attempt) if plan.speakers else (plan.kwargs, False)
         col = _Collector(plan.speakers, strip_leading=last)
-        same = (min(_common_prefix(prompt_cache.tokens, plan.ids), len(plan.ids) - 1)
-                if prompt_cache is not None and prompt_cache.cache is not None else 0)
-        stream = lm.stream(plan.ids, prompt_cache=prompt_cache, seed=next_seed(), **kwargs)
+        stream = lm.stream(plan.ids, seed=next_seed(), **kwargs)
         try:
             for chunk in stream:
+                if chunk.finish_reason == "error":
+                    raise ProsaError(f"the reply failed: {chunk.error}")
                 out = col.feed(chunk.text, chunk.token_ids, chunk.finish_reason)
                 if out:
                     yield out
@@ -554,19 +536,8 @@ def _generate(lm, messages: list[dict[str, str]], opts: _Options, settings: dict
                 if should_stop():
                     outcome.interrupted = True
                     break
-        except GeneratorExit:
-            raise
-        except BaseException:
-            # Interrupted inside the model (e.g. Ctrl-C): the cache may hold half-written slots; keep only the
-            # prefix that was valid before this reply.
-            if prompt_cache is not None:
-                if prompt_cache.cache is not None:
-                    with torch.inference_mode():
-                        prompt_cache.cache.truncate(same)
-                prompt_cache.tokens = prompt_cache.tokens[:same]
-            raise
         finally:
-            stream.close()
+            stream.close()          # cancels the generation in the engine if it is still running
         col.into(outcome, eos_ids)
         if outcome.text or outcome.eos_at_once or outcome.interrupted or should_stop():
             return
@@ -583,27 +554,24 @@ def _generate_many(lm, conversations: Sequence[list[dict[str, str]]], opts: _Opt
         import random
 
         seed = random.SystemRandom().randrange(2**31)
-    # Every row runs to the end (eos and stop strings are checked here): the engine then never drops finished
-    # rows from its batch, which copies the whole KV cache each time.
-    kwargs = dict(plans[0].kwargs)
-    stops = kwargs.pop("stop", ())
-    cols = [[_Collector(plan.speakers, stops=stops) for _ in range(n)] for plan in plans]
-    _, events = lm.events([plan.ids for plan in plans], n=n, seed=seed, ignore_eos=True, **kwargs)
+    cols = [[_Collector(plan.speakers) for _ in range(n)] for plan in plans]
+    _, events = lm.events([plan.ids for plan in plans], n=n, seed=seed, **plans[0].kwargs)
     eos_ids = lm.tokenizer.eos_token_ids
     live = n * len(plans)
     try:
         for ev in events:
             col = cols[ev.request][ev.sample]
+            if ev.finish_reason == "error":
+                raise ProsaError(f"a reply failed: {ev.error}")
             if col.done:
-                continue            # this reply has ended: later tokens of its row are ignored
-            finish = "stop" if ev.token in eos_ids else ev.finish_reason
-            col.feed(ev.text, [ev.token] if ev.token >= 0 else [], finish)
+                continue            # this reply has ended (a speaker line): later tokens of its row are ignored
+            col.feed(ev.text, [ev.token] if ev.token >= 0 else [], ev.finish_reason)
             if col.done:
                 live -= 1
                 if not live:
                     break
     finally:
-        events.close()
+        events.close()          # cancels the rows still running
     results = []
     for msgs, plan, row in zip(conversations, plans, cols):
         extra = iter(range(n, 1 << 62))
@@ -616,7 +584,7 @@ def _generate_many(lm, conversations: Sequence[list[dict[str, str]]], opts: _Opt
             outcome = _Outcome(prompt=plan.ids, dropped=plan.dropped, attempts=1)
             col.into(outcome, eos_ids)
             if plan.speakers and not outcome.text and not outcome.eos_at_once:
-                for _ in _generate(lm, msgs, opts, settings, None, next_seed, lambda: False, outcome, notice,
+                for _ in _generate(lm, msgs, opts, settings, next_seed, lambda: False, outcome, notice,
                                    plan=plan, first_attempt=1):
                     pass
             outcomes.append(outcome)
@@ -626,8 +594,7 @@ def _generate_many(lm, conversations: Sequence[list[dict[str, str]]], opts: _Opt
 
 def stream_reply(lm, messages: Sequence[Mapping[str, str]], *, transcript: bool | None = None,
                  user_name: str = "You", bot_name: str = "He", template: str | None = None,
-                 prompt_cache: PromptCache | None = None, on_notice: Callable[[str], None] | None = None,
-                 **settings: Any) -> Iterator[str]:
+                 on_notice: Callable[[str], None] | None = None, **settings: Any) -> Iterator[str]:
     """Stream one assistant reply to a conversation.
 
     Args:
@@ -636,7 +603,6 @@ def stream_reply(lm, messages: Sequence[Mapping[str, str]], *, transcript: bool 
         transcript: None = template mode when the model has a chat template, else transcript mode.
         user_name, bot_name: transcript-mode speaker names.
         template: a Jinja chat template to use instead of the model's.
-        prompt_cache: a ``prosa.generate.PromptCache`` to reuse between calls (only new tokens run).
         on_notice: called with notices (old messages dropped to fit the context); default ``warnings.warn``.
         settings: generation settings: max_new_tokens, seed, stop, bad_words and every
             ``prosa.sampling.SamplingParams`` field (temperature, top_k, top_p, ...); None = the model's default.
@@ -657,13 +623,12 @@ def stream_reply(lm, messages: Sequence[Mapping[str, str]], *, transcript: bool 
         return None if seed is None else seed + k
 
     notice = on_notice or _warn
-    yield from _generate(lm, msgs, opts, settings, prompt_cache, next_seed, lambda: False, _Outcome(), notice)
+    yield from _generate(lm, msgs, opts, settings, next_seed, lambda: False, _Outcome(), notice)
 
 
 def reply(lm, messages: Sequence[Mapping[str, str]], *, n: int = 1, transcript: bool | None = None,
           user_name: str = "You", bot_name: str = "He", template: str | None = None,
-          prompt_cache: PromptCache | None = None, on_notice: Callable[[str], None] | None = None,
-          **settings: Any) -> str | list[str]:
+          on_notice: Callable[[str], None] | None = None, **settings: Any) -> str | list[str]:
     """The assistant's reply to a message list: what a chat pipeline calls. Arguments as ``stream_reply``, plus
     ``n``: the number of replies (``num_return_sequences``), decoded together; reply j uses ``seed + j``.
 
@@ -676,7 +641,7 @@ def reply(lm, messages: Sequence[Mapping[str, str]], *, n: int = 1, transcript: 
         raise ValueError(f"n must be an integer >= 1, got {n!r}")
     if n == 1:
         return "".join(stream_reply(lm, messages, transcript=transcript, user_name=user_name, bot_name=bot_name,
-                                    template=template, prompt_cache=prompt_cache, on_notice=on_notice, **settings))
+                                    template=template, on_notice=on_notice, **settings))
     opts = _options(lm, transcript, template, user_name, bot_name)
     (outcomes,) = _generate_many(lm, [_check_messages(messages)], opts, check_settings(settings), n,
                                  on_notice or _warn)
@@ -707,7 +672,6 @@ class Chat:
     Attributes:
         history: the user/assistant messages, oldest first (the system prompt is ``system``; ``messages`` has both).
         settings: the generation settings in force (``set`` changes them).
-        prompt_cache: the conversation's KV cache.
         last_prompt: the token ids of the last prompt.
     """
 
@@ -719,7 +683,6 @@ class Chat:
         self.system = self._check_system(system)
         self.settings = check_settings(settings)
         self.history: list[dict[str, str]] = []
-        self.prompt_cache = PromptCache()
         self.last_prompt: list[int] = []
         self.last_outcome: _Outcome | None = None
         self.draws = 0
@@ -798,7 +761,7 @@ class Chat:
         notice = self.on_notice or _warn
         finished = False
         try:
-            for piece in _generate(self.lm, self.messages, self._opts, self.settings, self.prompt_cache, next_seed,
+            for piece in _generate(self.lm, self.messages, self._opts, self.settings, next_seed,
                                    lambda: self._stop, outcome, notice):
                 pieces.append(piece)
                 yield piece

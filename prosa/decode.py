@@ -1,8 +1,9 @@
 """The decode step: one new token per sequence through the model, as cheaply as the hardware allows.
 
-``decode_step(model)`` returns a callable ``step(tokens (B, 1), cache) -> logits (B, 1, V)`` that the generation
-loop uses for every token after the prompt. For most models it is the model itself. For the Llama family
-(llama, mistral, qwen2) on a CPU with prosa's C++ kernels it is a fused step: each block runs as a single C++
+``decode_step(model)`` returns a callable ``step(tokens (B, 1), cache) -> logits (B, 1, V)`` that the engine
+uses for every token after the prompt. For most models it is the model itself. For the Llama family
+(llama, mistral, qwen2) on a CPU with prosa's C++ kernels, given the engine's paged cache (``PagedBatch``: each
+row its own length and block table), it is a fused step: each block runs as a single C++
 call (``prosa/csrc/qlinear.cpp``, ``LlamaBlock``) instead of ~40 PyTorch operator calls, which is where the time
 of small models goes (~0.3 ms of Python and dispatch per block, ~9 ms per token for SmolLM2-135M's 30 blocks,
 against ~6 ms for reading its int4 weights once). The fused step computes the same function as the model's
@@ -21,9 +22,10 @@ import torch
 from torch import nn
 
 from . import quant
-from .models.cache import KVCache
+from .engine.paged import PagedBatch
+from .models.cache import Cache
 
-Step = Callable[[torch.Tensor, KVCache], torch.Tensor]
+Step = Callable[[torch.Tensor, Cache], torch.Tensor]
 
 
 def decode_step(model: nn.Module) -> Step:
@@ -86,23 +88,22 @@ def _build_llama(model: nn.Module) -> Step | None:
 
 
 class _FusedLlama:
-    """``step(tokens, cache)`` for a Llama-family model, one C++ call per block."""
+    """``step(tokens, cache)`` for a Llama-family model, one C++ call per block on the engine's paged cache."""
 
     def __init__(self, model: nn.Module, blocks: list):
         self.model, self.blocks = model, blocks
 
-    def __call__(self, tokens: torch.Tensor, cache: KVCache, attention_mask: torch.Tensor | None = None
+    def __call__(self, tokens: torch.Tensor, cache: Cache, attention_mask: torch.Tensor | None = None
                  ) -> torch.Tensor:
         m = self.model
-        if tokens.shape[1] != 1 or attention_mask is not None:
-            return m(tokens, cache, attention_mask)        # prompts go through the model
+        if tokens.shape[1] != 1 or attention_mask is not None or not isinstance(cache, PagedBatch):
+            return m(tokens, cache, attention_mask)        # prompts and other caches go through the model
         positions = cache.begin(tokens)                    # (B, 1)
         x = m.model.embed_tokens(tokens[:, 0]).contiguous()  # (B, C), a fresh tensor the blocks update in place
         cos, sin = m.rope.cos_sin(positions, torch.float32)  # (B, 1, 1, rot) each
         cos, sin = cos.reshape(len(x), -1).contiguous(), sin.reshape(len(x), -1).contiguous()
-        slot, valid = cache.offset - 1, cache.valid.contiguous()
-        kv_heads, head_dim = m.args.num_key_value_heads, m.args.head_dim
+        pos = positions[:, 0].contiguous()                 # (B,) the slot each row writes, in its own blocks
+        pool = cache.pool
         for i, block in enumerate(self.blocks):
-            k, v = cache.buffers(i, len(x), kv_heads, head_dim, x.dtype, x.device)
-            x = block.forward(x, k, v, slot, valid, cos, sin)
+            x = block.forward(x, pool.keys[i], pool.values[i], cache.table, pos, pool.block_size, cos, sin)
         return m.lm_head(m.model.norm(x))[:, None]        # (B, 1, V)

@@ -1,20 +1,24 @@
 """``LanguageModel``: a loaded model with its tokenizer, config and generation defaults, and the generation API."""
 from __future__ import annotations
 
+import queue
 import random
+import threading
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable, Iterator, Mapping, Sequence
 
 import torch
 
-from .generate import OVERFLOW_MODES, Event, PromptCache, Request, stream_generate
+from .engine import OVERFLOW_MODES, Engine, Event, Request
 from .sampling import SamplingParams
 
 if TYPE_CHECKING:
     from .tokenizer import Tokenizer
 
 DEFAULT_MAX_NEW_TOKENS = 128
+MAX_LOGPROBS = 20            # alternatives per token at most (OpenAI's chat limit)
+MAX_N = 128                  # samples per prompt at most
 SAMPLING_FIELDS = tuple(f.name for f in fields(SamplingParams))
 # generation_config.json keys that set prosa defaults (transformers' names).
 _GC_KEYS = ("top_k", "top_p", "min_p", "typical_p", "repetition_penalty", "no_repeat_ngram_size")
@@ -36,13 +40,15 @@ class GenerationResult:
     Attributes:
         text: the continuation (special tokens and the stop string removed).
         tokens: generated token ids (a final eos id included when generation stopped on it).
-        finish_reason: "stop" (eos or a stop string) or "length" (max_new_tokens or the context window).
+        finish_reason: "stop" (eos or a stop string), "length" (max_new_tokens or the context window), or
+            "error" (the request's settings left nothing to generate; see ``error``).
         stop_reason: the stop string or eos id that ended it, if any.
         prompt_tokens: the prompt's token ids.
         index: which prompt of the call it continues; sample: which of its n samples.
         seed: the seed its sampling used.
         logprobs: per token, when requested.
         settings: the reproducibility record: model, seed and every setting used.
+        error: why generation failed, with finish_reason "error".
     """
 
     text: str
@@ -55,20 +61,25 @@ class GenerationResult:
     seed: int | None = None
     logprobs: list[TokenLogprob] | None = None
     settings: dict[str, Any] = field(default_factory=dict)
+    error: str | None = None
 
 
 class Chunk(str):
     """A piece of streamed text (a ``str``: join, print or compare it as text) carrying the token ids that
-    produced it, the finish reason on the last piece, and log-probabilities when requested."""
+    produced it, the sample it belongs to (with n > 1 each chunk is one sample's), the finish reason on that
+    sample's last piece (with ``error`` when it is "error"), and log-probabilities when requested."""
 
     token_ids: list[int]
     finish_reason: str | None
     logprobs: list[TokenLogprob] | None
+    sample: int
+    error: str | None
 
     def __new__(cls, text: str, token_ids: list[int], finish_reason: str | None = None,
-                logprobs: list[TokenLogprob] | None = None) -> "Chunk":
+                logprobs: list[TokenLogprob] | None = None, sample: int = 0, error: str | None = None) -> "Chunk":
         chunk = super().__new__(cls, text)
         chunk.token_ids, chunk.finish_reason, chunk.logprobs = token_ids, finish_reason, logprobs
+        chunk.sample, chunk.error = sample, error
         return chunk
 
     @property
@@ -89,6 +100,11 @@ class LanguageModel:
         name: what it was loaded from (path or Hub id).
         quantize: the weight format it runs in: "none" (float, see ``dtype``), "bf16", "int8" or "int4".
         weights: how the layers are stored, e.g. "210 x int4 (GGUF Q4_1, exact), 1 x int8 (GGUF Q8_0, exact)".
+        threads: CPU threads the engine thread's kernels use (None: PyTorch's default).
+        engine_options: settings of ``engine`` (see ``prosa.engine.Engine``), read when it starts.
+
+    Thread-safe: ``generate``, ``stream`` and ``events`` may be called from many threads at once; their requests
+    are decoded together by ``engine``, each getting exactly the tokens it would get alone.
     """
 
     model: torch.nn.Module
@@ -99,6 +115,20 @@ class LanguageModel:
     path: Path | None = None
     quantize: str = "none"
     weights: str = ""
+    threads: int | None = None
+    engine_options: dict[str, Any] = field(default_factory=dict)
+    _engine: Engine | None = field(default=None, init=False, repr=False, compare=False)
+    _engine_lock: Any = field(default_factory=threading.Lock, init=False, repr=False, compare=False)
+
+    @property
+    def engine(self) -> Engine:
+        """The decode loop every generation of this model runs in (started on first use; ``engine_options``
+        are its settings: max_batch, kv_cache_tokens, prefill_chunk, block_size, prefix_cache)."""
+        if self._engine is None:
+            with self._engine_lock:
+                if self._engine is None:
+                    self._engine = Engine(self.model, self.tokenizer, threads=self.threads, **self.engine_options)
+        return self._engine
 
     @property
     def context_length(self) -> int:
@@ -119,13 +149,27 @@ class LanguageModel:
 
     # -- requests ---------------------------------------------------------------------------------------
     def encode(self, prompt: str | Sequence[int]) -> list[int]:
-        """Token ids of a prompt (a list of ids passes through); an empty prompt becomes the bos (or eos) token
-        so that the model has a context."""
-        ids = list(prompt) if not isinstance(prompt, str) else self.tokenizer.encode(prompt)
+        """Token ids of a prompt (a list of ids passes through, checked).
+
+        Raises:
+            ValueError: the prompt is empty (no text and no ids) or holds ids outside the vocabulary.
+        """
+        if isinstance(prompt, str):
+            ids = self.tokenizer.encode(prompt)
+        else:
+            ids = list(prompt)
+            vocab = self.vocab_size
+            for t in ids:
+                if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab:
+                    raise ValueError(f"prompt: token ids must be integers in [0, {vocab}), got {t!r}")
         if not ids:
-            start = self.tokenizer.bos_token_id if self.tokenizer.bos_token_id is not None else self.tokenizer.eos_token_id
-            ids = [start if start is not None else 0]
+            raise ValueError("prompt is empty: give some text (or token ids) to continue")
         return ids
+
+    @property
+    def vocab_size(self) -> int:
+        """Token ids the model takes (the embedding's rows; at least the tokenizer's vocabulary)."""
+        return int(self.config.get("vocab_size") or self.tokenizer.vocab_size)
 
     def sampling_defaults(self) -> dict[str, Any]:
         """Sampling settings from generation_config.json, transformers' way: greedy unless ``do_sample``."""
@@ -164,12 +208,17 @@ class LanguageModel:
         if max_new_tokens is not None and (isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int)
                                            or max_new_tokens < 0):
             raise ValueError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
-        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-            raise ValueError(f"n (num_return_sequences) must be an integer >= 1, got {n!r}")
-        if logprobs is not None and (isinstance(logprobs, bool) or not isinstance(logprobs, int) or logprobs < 0):
-            raise ValueError(f"logprobs must be None or an integer >= 0, got {logprobs!r}")
+        if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= MAX_N:
+            raise ValueError(f"n (num_return_sequences) must be an integer from 1 to {MAX_N}, got {n!r}")
+        if logprobs is not None and (isinstance(logprobs, bool) or not isinstance(logprobs, int)
+                                     or not 0 <= logprobs <= MAX_LOGPROBS):
+            raise ValueError(f"logprobs must be None or an integer from 0 to {MAX_LOGPROBS}, got {logprobs!r}")
         if context_overflow not in OVERFLOW_MODES:
             raise ValueError(f"context_overflow must be one of {', '.join(OVERFLOW_MODES)}, got {context_overflow!r}")
+        if max_new_tokens is not None and max_new_tokens > self.context_length and context_overflow != "slide":
+            raise ValueError(f"max_new_tokens is {max_new_tokens} but the context window is {self.context_length} "
+                             "tokens (prompt included); ask for fewer, or pass context_overflow='slide' to go on "
+                             "past the window")
         if seed is None:
             seed = random.SystemRandom().randrange(2**31)
         if isinstance(seed, bool) or not isinstance(seed, int):
@@ -191,7 +240,7 @@ class LanguageModel:
                 ids = ids[-(self.context_length - 1):]
             # max_length counts the prompt too (transformers' meaning); max_new_tokens wins when both are given.
             new = max_new_tokens if max_new_tokens is not None else max(0, max_length - len(ids))
-            requests.append(Request(ids, params, new, stops, n, seed, logprobs, ignore_eos))
+            requests.append(Request(ids, params, new, stops, n, seed, logprobs, ignore_eos, context_overflow))
         return requests
 
     def settings(self, req: Request, sample: int, context_overflow: str) -> dict[str, Any]:
@@ -208,35 +257,63 @@ class LanguageModel:
                    ((f, getattr(p, f)) for f in SAMPLING_FIELDS)}}
 
     # -- generation -------------------------------------------------------------------------------------
-    def events(self, prompts: Sequence[str | Sequence[int]], *, context_overflow: str = "error",
-               prompt_cache: PromptCache | None = None, **kwargs: Any) -> tuple[list[Request], Iterator[Event]]:
-        """Lowest-level API: the requests and the iterator of per-token ``Event``s (see ``prosa.generate``)."""
-        requests = self.make_requests(prompts, context_overflow=context_overflow, **kwargs)
-        return requests, stream_generate(self.model, self.tokenizer, requests, context_overflow=context_overflow,
-                                         prompt_cache=prompt_cache)
+    def events(self, prompts: Sequence[str | Sequence[int]], **kwargs: Any) -> tuple[list[Request], Iterator[Event]]:
+        """Lowest-level API: the requests and the iterator of per-token ``Event``s (see ``prosa.engine``).
+
+        The requests are checked now (ValueError naming the bad setting) and submitted to the engine when the
+        iterator starts; closing it early cancels them.
+        """
+        requests = self.make_requests(prompts, **kwargs)
+        return requests, self.run(requests)
+
+    def run(self, requests: Sequence[Request]) -> Iterator[Event]:
+        """Submit ``requests`` to the engine and yield their events as they come (``Event.seq`` numbers the
+        sequences request-major); closing the iterator, or an exception in the caller, cancels what is left."""
+        events: "queue.SimpleQueue[Event]" = queue.SimpleQueue()
+        offsets = [0]
+        for r in requests:
+            offsets.append(offsets[-1] + r.n)
+        left = offsets[-1]
+        handles = []
+        try:
+            for tag, r in enumerate(requests):
+                handles.append(self.engine.submit(r, tag=tag, events=events))
+            while left:
+                ev = events.get()
+                ev.seq = offsets[ev.request] + ev.sample
+                if ev.finish_reason is not None:
+                    left -= 1
+                yield ev
+        finally:
+            if left:
+                for h in handles:
+                    h.cancel()
 
     def generate(self, prompt: str | Sequence[int] | Sequence[str], **kwargs: Any
                  ) -> GenerationResult | list[GenerationResult]:
         """Continue a prompt, or a batch of prompts decoded together.
 
         Args:
-            prompt: a string (or token ids), or a list of strings.
-            max_new_tokens: tokens to generate at most (default: generation_config's, else 128).
+            prompt: a string (or token ids), or a list of strings (or of token-id lists).
+            max_new_tokens: tokens to generate at most (default: generation_config's, else 128); more than the
+                context window only with context_overflow="slide".
             max_length: prompt + generated tokens at most (transformers' meaning); max_new_tokens wins.
             temperature: 0 = greedy (default: the model's generation_config; greedy if it says nothing).
             top_k, top_p, min_p, typical_p, repetition_penalty, presence_penalty, frequency_penalty,
             no_repeat_ngram_size, logit_bias ({token id: bias}), bad_words (strings), bad_words_ids,
             min_new_tokens: sampling controls, see ``prosa.sampling.SamplingParams``.
             stop: a string or strings that end generation (never included in the text).
-            n: samples per prompt; the prompt is run through the model once.
+            n: samples per prompt (at most 128); the prompt is run through the model once.
             seed: sample j of every prompt uses ``seed + j`` (random when None; recorded in ``settings``).
-            logprobs: None, or k >= 0: the chosen token's log-probability and the k most likely alternatives.
+            logprobs: None, or k in 0..20: the chosen token's log-probability and the k most likely alternatives.
             context_overflow: "error" (stop at the window; a prompt longer than it raises ValueError) or
                 "slide" (drop the oldest tokens and go on).
             ignore_eos: do not stop at eos.
         Returns:
             for a string prompt: a ``GenerationResult``, or a list of n of them when n > 1;
             for a list of prompts: a flat list, prompt-major (all samples of prompt 0, then prompt 1, ...).
+        Raises:
+            ValueError: a bad setting or prompt (empty, ids outside the vocabulary, longer than the window).
         """
         single = isinstance(prompt, str) or (len(prompt) > 0 and isinstance(prompt[0], int))
         prompts = [prompt] if single else list(prompt)
@@ -259,7 +336,7 @@ class LanguageModel:
                     res.logprobs.append(TokenLogprob(ev.token, ev.logprob, ev.top_logprobs or []))
             pieces[ev.seq].append(ev.text)
             if ev.finish_reason:
-                res.finish_reason, res.stop_reason = ev.finish_reason, ev.stop_reason
+                res.finish_reason, res.stop_reason, res.error = ev.finish_reason, ev.stop_reason, ev.error
         out = []
         for seq in sorted(results):
             results[seq].text = "".join(pieces[seq])
@@ -268,19 +345,26 @@ class LanguageModel:
             return out[0] if len(out) == 1 else out
         return out
 
-    def stream(self, prompt: str | Sequence[int], *, prompt_cache: PromptCache | None = None,
-               **kwargs: Any) -> Iterator[Chunk]:
+    def stream(self, prompt: str | Sequence[int], **kwargs: Any) -> Iterator[Chunk]:
         """Yield the continuation of one prompt as ``Chunk``s of text (with their token ids) as they are generated;
-        joined, the texts equal ``generate(...).text`` for the same settings. With n > 1, samples interleave
-        (``Chunk`` has no sample index: use ``events`` for that). Arguments as ``generate``."""
-        requests, events = self.events([prompt], prompt_cache=prompt_cache, **kwargs)
-        pending: list[int] = []
-        logprobs: list[TokenLogprob] = []
-        for ev in events:
-            if ev.token >= 0:
-                pending.append(ev.token)
-                if ev.logprob is not None:
-                    logprobs.append(TokenLogprob(ev.token, ev.logprob, ev.top_logprobs or []))
-            if ev.text or ev.finish_reason:
-                yield Chunk(ev.text, pending, ev.finish_reason, logprobs if requests[0].logprobs is not None else None)
-                pending, logprobs = [], []
+        joined, a sample's texts equal ``generate(...).text`` for the same settings. With n > 1, each chunk is one
+        sample's (``Chunk.sample``). Closing the iterator cancels the generation. Arguments as ``generate``."""
+        requests, events = self.events([prompt], **kwargs)      # settings checked now, not at the first chunk
+        return self._chunks(events, requests[0].logprobs is not None)
+
+    @staticmethod
+    def _chunks(events: Iterator[Event], want_logprobs: bool) -> Iterator[Chunk]:
+        pending: dict[int, list[int]] = {}
+        logprobs: dict[int, list[TokenLogprob]] = {}
+        try:
+            for ev in events:
+                toks, lps = pending.setdefault(ev.sample, []), logprobs.setdefault(ev.sample, [])
+                if ev.token >= 0:
+                    toks.append(ev.token)
+                    if ev.logprob is not None:
+                        lps.append(TokenLogprob(ev.token, ev.logprob, ev.top_logprobs or []))
+                if ev.text or ev.finish_reason:
+                    yield Chunk(ev.text, toks, ev.finish_reason, lps if want_logprobs else None, ev.sample, ev.error)
+                    pending[ev.sample], logprobs[ev.sample] = [], []
+        finally:
+            events.close()

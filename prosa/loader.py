@@ -10,12 +10,12 @@ import logging
 import math
 import os
 import sys
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator
 
 import torch
+from torch.overrides import TorchFunctionMode
 
 from . import models
 from .errors import CorruptModelError, ModelNotFoundError, UnsupportedModelError
@@ -169,23 +169,19 @@ def build_model(config: dict[str, Any]) -> torch.nn.Module:
     """The native model for ``config`` on the meta device (no memory for weights)."""
     module = models.get_module(config.get("model_type"))
     args = module.ModelArgs.from_dict(config)
-    with torch.device("meta"), _no_init():
+    with torch.device("meta"), _NoInit():
         return module.Model(args)
 
 
-@contextmanager
-def _no_init() -> Iterator[None]:
-    """Skip the random initialisation of layers being built for a checkpoint: on the meta device it does nothing
-    useful, and ``normal_`` on meta tensors imports ``torch._dynamo`` (1.5-2 s and ~100 MB on a first load)."""
-    layers = (torch.nn.Linear, torch.nn.Embedding, torch.nn.LayerNorm)
-    saved = [(cls, cls.__dict__["reset_parameters"]) for cls in layers if "reset_parameters" in cls.__dict__]
-    for cls, _ in saved:
-        cls.reset_parameters = lambda self: None
-    try:
-        yield
-    finally:
-        for cls, fn in saved:
-            cls.reset_parameters = fn
+class _NoInit(TorchFunctionMode):
+    """Skip the random initialisation (``torch.nn.init.*``) of layers being built for a checkpoint: on the meta
+    device it does nothing useful, and ``normal_`` on meta tensors imports ``torch._dynamo`` (1.5-2 s and ~100 MB
+    on a first load). A function mode is local to this thread: nothing process-wide is patched."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if getattr(func, "__module__", None) == "torch.nn.init":
+            return args[0] if args else (kwargs or {}).get("tensor")
+        return func(*args, **(kwargs or {}))
 
 
 def load(name_or_path: str | os.PathLike | None = None, *, dtype: str | torch.dtype = "auto",
@@ -206,17 +202,16 @@ def load(name_or_path: str | os.PathLike | None = None, *, dtype: str | torch.dt
             choice is logged on the ``prosa`` logger and kept in ``LanguageModel.quantize`` / ``.weights``.
         revision: Hub branch, tag or commit.
         device: "cpu", "cuda", or None/"auto" (CUDA when available).
-        threads: CPU threads for the matmuls (``torch.set_num_threads``, process-wide); None keeps the current
-            setting (PyTorch's default is one per physical core).
+        threads: CPU threads for the matmuls, set by the engine thread that runs the model (loading changes no
+            process-wide setting); None keeps PyTorch's default (one per physical core).
     Returns:
         a ``LanguageModel``.
     """
     if quantize not in QUANTIZE_MODES:
         raise ValueError(f"quantize must be one of {', '.join(QUANTIZE_MODES)}; got {quantize!r}")
     if threads is not None:
-        if not isinstance(threads, int) or threads < 1:
+        if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
             raise ValueError(f"threads must be a positive integer; got {threads!r}")
-        torch.set_num_threads(threads)
     ck = open_checkpoint(name_or_path, revision)
     dev = resolve_device(device)
     checkpoint_dtype = ck.config.get("torch_dtype") or ck.config.get("dtype")
@@ -246,7 +241,7 @@ def load(name_or_path: str | os.PathLike | None = None, *, dtype: str | torch.dt
         log.info("quantize=auto chose %s (%s): %s", mode, why, summary)
     return LanguageModel(model=model, tokenizer=ck.tokenizer(), config=ck.config,
                          generation_config=ck.generation_config, name=ck.source, path=ck.path,
-                         quantize=mode, weights=summary + (f"; auto: {why}" if why else ""))
+                         quantize=mode, weights=summary + (f"; auto: {why}" if why else ""), threads=threads)
 
 
 # ------------------------------------------------------------------------------------------------ quantize=auto

@@ -257,7 +257,6 @@ class TextGenerationPipeline:
         self._generate_kwargs = {key: kwargs.pop(key) for key in keys}
         self._init_params = kwargs                          # pipeline params, prosa extras, unknown ones
         self.prefix = self.model.config.get("prefix") if isinstance(self.model.config, Mapping) else None
-        self._eos_tokenizers: dict[frozenset[int], Any] = {}
         self._warned_ignored = False
 
     @property
@@ -585,22 +584,9 @@ class TextGenerationPipeline:
         return max_length - length, min_new
 
     # -- generation ------------------------------------------------------------------------------------------------
-    def _tokenizer_for(self, plan: _Plan):
-        """The tokenizer whose eos ids are ``plan.eos`` (a shallow copy when they differ from the model's)."""
-        tok = self.tokenizer
-        if plan.eos is None or plan.eos == frozenset(tok.eos_token_ids):
-            return tok
-        if plan.eos not in self._eos_tokenizers:
-            other = copy.copy(tok)
-            other.eos_token_ids = plan.eos
-            self._eos_tokenizers[plan.eos] = other
-        return self._eos_tokenizers[plan.eos]
-
     def _events(self, items: list[_Item], plan: _Plan, start: int):
-        """The requests for ``items`` (the call's inputs ``start``, ``start + 1``, ...) and prosa's event
+        """The requests for ``items`` (the call's inputs ``start``, ``start + 1``, ...) and the engine's event
         iterator over them."""
-        from .generate import stream_generate
-
         lm = self.model
         requests = []
         for p, item in enumerate(items):
@@ -608,13 +594,16 @@ class TextGenerationPipeline:
             sampling = dict(plan.sampling)
             if min_new:
                 sampling["min_new_tokens"] = min_new
+            if plan.context_overflow != "slide":
+                max_new = min(max_new, lm.context_length)     # the window ends it anyway ("length")
             (req,) = lm.make_requests(
                 [item.ids], max_new_tokens=max_new, stop=plan.stop_strings + plan.prosa_stop, n=plan.n,
                 seed=0 if plan.seed is None else plan.seed + (start + p) * plan.n, logprobs=plan.logprobs,
                 context_overflow=plan.context_overflow, ignore_eos=plan.ignore_eos or plan.eos is None, **sampling)
+            req.eos_ids = plan.eos
+            req.skip_special_tokens = plan.skip_special_tokens
             requests.append(req)
-        return requests, stream_generate(lm.model, self._tokenizer_for(plan), requests,
-                                         context_overflow=plan.context_overflow)
+        return requests, lm.run(requests)
 
     def _generate(self, items: list[_Item], plan: _Plan,
                   start: int = 0) -> Iterator[tuple[int, int | None, dict | None, Any]]:
@@ -725,6 +714,9 @@ class TextGenerationPipeline:
 
     def _stream(self, inputs, plan: _Plan, pre: dict[str, Any], batch_size: int | None,
                 single: bool) -> Iterator[Any]:
+        """Stream the engine's text pieces (final as they come: never a half character or a possible stop
+        string); once a sequence ends, whatever its final record adds (a kept ``stop_strings`` match, the text
+        of an empty prompt's start) follows, so that the pieces join to its ``generated_text``."""
         n = plan.n
         for start, chunk in _chunks(inputs, batch_size):
             offset = start * n
@@ -733,8 +725,8 @@ class TextGenerationPipeline:
             plain = single and count == 1
             tokens: list[list[int]] = [[] for _ in range(count)]
             infos: list[dict] = [{} for _ in range(count)]
+            pieces: list[list[str]] = [[] for _ in range(count)]
             sent = [""] * count
-            hold = max((len(s) for s in plan.prosa_stop), default=1) - 1
 
             def emit(seq: int, text: str):
                 piece, sent[seq] = text[len(sent[seq]):], text
@@ -749,19 +741,15 @@ class TextGenerationPipeline:
                             out = emit(p * n + j, item.prompt)
                             if out is not None:
                                 yield out
-            for seq, token, info, _ in self._generate(items, plan, start):
+            for seq, token, info, ev in self._generate(items, plan, start):
                 if token is not None:
                     tokens[seq].append(token)
                 if info:
                     infos[seq] = info
                     continue            # the final text comes once the batch is done (padding, stop strings)
-                item = items[seq // n]
-                text = self._stream_text(item, self._new_text(item, tokens[seq], {}, plan), plan)
-                text = text.rstrip("\ufffd")                # an incomplete multi-byte character
-                if hold and text:
-                    text = text[:max(len(sent[seq]), len(text) - hold)]
-                if text.startswith(sent[seq]):
-                    out = emit(seq, text)
+                if ev is not None and ev.text:
+                    pieces[seq].append(ev.text)
+                    out = emit(seq, self._stream_text(items[seq // n], "".join(pieces[seq]), plan))
                     if out is not None:
                         yield out
             for p, item in enumerate(items):

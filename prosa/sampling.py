@@ -246,24 +246,34 @@ class TokenHistory:
         ids: (B, W) long, each row's prompt + generated ids, right-aligned; left of a row's first token: ``PAD``
             (-1). Prompt ids outside the vocabulary are kept here but ignored by ``seen``.
         lengths: (B,) long, prompt + generated tokens per row. prompt_lengths: (B,) long.
-        num_generated: (B,) long, tokens appended so far (the same for every row: rows advance together).
+        num_generated: (B,) long, generated tokens per row (those given at construction plus those appended).
         seen: (B, V) bool, the ids in prompt + generated (built on first use, then kept up to date).
         counts: (B, V) int32, occurrences in the generated ids only (built on first use, then kept up to date).
         tokens: list of lists of ints, prompt + generated per row (a device-to-host copy; for inspection).
     """
 
-    def __init__(self, prompts: Sequence[Sequence[int]], vocab_size: int, device: Any = None):
+    def __init__(self, prompts: Sequence[Sequence[int]], vocab_size: int, device: Any = None,
+                 generated: Sequence[int] | None = None):
+        """Args:
+            prompts: each row's ids so far.
+            vocab_size, device: as the attributes.
+            generated: how many of each row's last ids were generated (the rest is its prompt); default none.
+                Rows joining a running batch (``prosa.engine``) have generated different amounts.
+        """
         self.vocab_size = int(vocab_size)
         self.device = torch.device(device) if device is not None else torch.device("cpu")
         prompts = [[int(t) for t in p] for p in prompts]
         lens = [len(p) for p in prompts]
+        gen = [0] * len(prompts) if generated is None else [int(g) for g in generated]
+        if len(gen) != len(prompts) or any(not 0 <= g <= n for g, n in zip(gen, lens)):
+            raise ValueError("generated: one count per row, each between 0 and the row's length")
         width = max(lens, default=0)
         rows = [[PAD] * (width - len(p)) + p + [PAD] * 16 for p in prompts]
         self._buf = torch.tensor(rows, dtype=torch.long).reshape(len(prompts), width + 16).to(self.device)
         self._width = width
-        self.prompt_lengths = torch.tensor(lens, dtype=torch.long, device=self.device)
-        self.lengths = self.prompt_lengths.clone()
-        self.num_generated = torch.zeros(len(prompts), dtype=torch.long, device=self.device)
+        self.lengths = torch.tensor(lens, dtype=torch.long, device=self.device)
+        self.num_generated = torch.tensor(gen, dtype=torch.long, device=self.device)
+        self.prompt_lengths = self.lengths - self.num_generated
         self._steps = 0
         self._seen: torch.Tensor | None = None
         self._counts: torch.Tensor | None = None
@@ -279,7 +289,7 @@ class TokenHistory:
 
     @property
     def steps(self) -> int:
-        """Tokens appended so far (a Python int; equals every entry of ``num_generated``)."""
+        """Tokens appended since construction (a Python int)."""
         return self._steps
 
     @property
@@ -302,7 +312,10 @@ class TokenHistory:
     @property
     def counts(self) -> torch.Tensor:
         if self._counts is None:
-            gen = self._table(self.ids[:, self._width - self._steps:])
+            # Each row's generated ids are its last num_generated columns; other columns count into the spare one.
+            col = torch.arange(self._width, device=self.device)
+            mine = col[None, :] >= self._width - self.num_generated[:, None]
+            gen = torch.where(mine, self._table(self.ids), self.vocab_size)
             table = torch.zeros((self.batch_size, self.vocab_size + 1), dtype=torch.int32, device=self.device)
             table.scatter_add_(1, gen, torch.ones_like(gen, dtype=torch.int32))
             self._counts = table[:, :self.vocab_size].contiguous()

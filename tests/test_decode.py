@@ -11,33 +11,77 @@ import pytest
 import torch
 
 import prosa
-from prosa import generate as gen
+from prosa import quant
 from prosa.decode import decode_step
-from prosa.generate import left_pad
+from prosa.engine.blocks import BlockPool
+from prosa.engine.paged import PagedBatch
 
 LLAMA_FAMILY = ["llama", "llama_linear", "qwen2", "mistral"]
+PROMPTS = [[5, 6, 7, 8, 9, 10], [11, 12], [13, 14, 15, 16]]
+
+
+def _pool(m, blocks=64):
+    layers, heads, dim = m.kv_shape
+    return BlockPool(layers, heads, dim, torch.float32, torch.device("cpu"), 4, blocks)
+
+
+def _prefilled(m, steps):
+    """A pool holding PROMPTS (run through the model), each row's blocks interleaved with the others' (tables
+    are not contiguous), room for ``steps`` more tokens."""
+    pool = _pool(m)
+    need = [-(-(len(p) + steps) // 4) for p in PROMPTS]
+    tables = [[] for _ in PROMPTS]
+    for i in range(max(need)):
+        for row, n in enumerate(need):
+            if i < n:
+                tables[row].append(pool.allocate())
+    for p, table in zip(PROMPTS, tables):
+        m(torch.tensor([p]), PagedBatch(pool, [table], [0]))
+    return pool, tables
 
 
 def _compare(lm, steps=20):
-    """Max and mean |fused - model| / max|model| over ``steps`` decode steps of a padded batch."""
+    """Max and mean |fused - model| / max|model| over ``steps`` decode steps of rows of different lengths, the
+    model's forward reading its keys by gathering (PyTorch attention), the fused step by the C++ kernels."""
     m = lm.model
     step = decode_step(m)
     assert step is not m
-    ids, mask = left_pad([[5, 6, 7, 8, 9, 10], [11, 12], [13, 14, 15, 16]], 0, "cpu")
-    a_cache, b_cache = m.make_cache(3), m.make_cache(3)
     g = torch.Generator().manual_seed(0)
     worst, total = 0.0, 0.0
     with torch.inference_mode():
-        m(ids, a_cache, mask)
-        m(ids, b_cache, mask)
-        for _ in range(steps):   # past mistral's window of 8 slots
+        (pa, tables), (pb, _) = _prefilled(m, steps), _prefilled(m, steps)
+        starts = [len(p) for p in PROMPTS]
+        for _ in range(steps):   # past mistral's window of 8 tokens
             tok = torch.randint(0, lm.tokenizer.vocab_size, (3, 1), generator=g)
-            a, b = m(tok, a_cache), step(tok, b_cache)
+            a = m(tok, PagedBatch(pa, tables, starts))
+            b = step(tok, PagedBatch(pb, tables, starts, quant.kernels()))
+            starts = [s + 1 for s in starts]
             assert a.shape == b.shape
             scale = a.abs().max().item()
             worst = max(worst, (a - b).abs().max().item() / scale)
             total += (a - b).abs().mean().item() / scale
     return worst, total / steps
+
+
+def test_paged_cache_equals_the_plain_cache(tiny_checkpoint):
+    """Rows of different lengths in the paged cache (gathering and C++ attention alike) give the logits each
+    row gets alone in a plain KVCache."""
+    for arch in ("gpt_neo", "gptj", "gpt_neox", "gpt2", "mistral"):
+        m = prosa.load(tiny_checkpoint(arch), quantize="none").model
+        with torch.inference_mode():
+            for kernels in (None, quant.kernels()):
+                pool, tables = _prefilled(m, 12)
+                starts = [len(p) for p in PROMPTS]
+                plain = [m.make_cache(1) for _ in PROMPTS]
+                for p, c in zip(PROMPTS, plain):
+                    m(torch.tensor([p]), c)
+                for t in range(12):
+                    tok = torch.tensor([[20 + t], [40 + t], [60 + t]])
+                    out = m(tok, PagedBatch(pool, tables, starts, kernels))
+                    starts = [s + 1 for s in starts]
+                    for row, c in enumerate(plain):
+                        ref = m(tok[row:row + 1], c)
+                        assert torch.allclose(out[row], ref[0], atol=1e-5, rtol=1e-4), (arch, t, row)
 
 
 @pytest.mark.parametrize("arch", LLAMA_FAMILY)
@@ -60,8 +104,10 @@ def test_fused_greedy_text_equals_the_model(bundled_gguf, monkeypatch, mode, agr
     lm = prosa.load(bundled_gguf, quantize=mode)
     prompts = ["A story about a man and a dog", "The capital of France is", "def fib(n):"]
     fused = lm.generate(prompts, max_new_tokens=32, temperature=0, ignore_eos=True)
-    monkeypatch.setattr(gen, "decode_step", lambda model: model)
+    assert lm.engine.runner.step is not lm.model
+    monkeypatch.setenv("PROSA_FUSED", "0")
     plain = lm.generate(prompts, max_new_tokens=32, temperature=0, ignore_eos=True)
+    assert lm.engine.runner.step is lm.model
     assert [r.tokens[:agree] for r in fused] == [r.tokens[:agree] for r in plain]
 
 

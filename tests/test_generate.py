@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import prosa
+from prosa.engine.paged import PagedBatch
 from prosa.models.cache import KVCache
 
 CLI = [sys.executable, "-m", "prosa.cli"]
@@ -27,28 +28,27 @@ def llama(tiny_checkpoint):
 
 
 class Counting:
-    """Records the shape of every batch of tokens fed to the model: the caches it makes count each ``begin``
-    (the model's forward and the fused decode step both start there)."""
+    """Records the shape of every batch of tokens fed to the model: each forward, and the fused decode step,
+    starts with ``begin`` on the engine's paged cache (or on the plain cache of a model without one)."""
 
-    def __init__(self, lm):
-        self.lm, self.calls = lm, []
-        self.orig = lm.model.make_cache
+    def __init__(self, lm=None):
+        self.calls: list[tuple[int, int]] = []
+        self.saved = []
 
     def __enter__(self):
-        def make_cache(batch_size):
-            cache = self.orig(batch_size)
-            begin = cache.begin
+        for cls in (PagedBatch, KVCache):
+            orig = cls.begin
 
-            def counted(input_ids, attention_mask=None):
+            def counted(cache, input_ids, attention_mask=None, _orig=orig):
                 self.calls.append(tuple(input_ids.shape))
-                return begin(input_ids, attention_mask)
-            cache.begin = counted
-            return cache
-        self.lm.model.make_cache = make_cache
+                return _orig(cache, input_ids, attention_mask)
+            self.saved.append((cls, orig))
+            cls.begin = counted
         return self
 
     def __exit__(self, *exc):
-        del self.lm.model.make_cache
+        for cls, orig in self.saved:
+            cls.begin = orig
 
     @property
     def tokens(self) -> int:
@@ -133,7 +133,7 @@ def test_greedy_batch_equals_alone(gpt2):
 
 
 def test_n_samples_share_one_prefill(llama):
-    prompt = "Once upon a time there was a little model"
+    prompt = "Eu estou bem, obrigado. A little model"       # no other test's prompt starts so (prefix cache)
     plen = len(llama.encode(prompt))
     with Counting(llama) as c:
         res = llama.generate(prompt, n=4, max_new_tokens=6, temperature=1.0, seed=3, ignore_eos=True)
@@ -147,13 +147,15 @@ def test_n_samples_share_one_prefill(llama):
 
 
 def test_finished_sequences_leave_the_batch(gpt2):
-    with Counting(gpt2) as c:
-        res = gpt2.generate(["a b c", "hello"], max_new_tokens=0 + 3, temperature=0, ignore_eos=True)
-    assert [len(r.tokens) for r in res] == [3, 3]
-    with Counting(gpt2) as c:
-        gpt2.generate(["a b c", "hello"], max_new_tokens=5, temperature=0, ignore_eos=True,
-                      stop=gpt2.tokenizer.decode(res[1].tokens[:1]) or None)
-    assert c.calls[-1][0] <= 2
+    res = gpt2.generate(["a b c", "hello"], max_new_tokens=8, temperature=0, ignore_eos=True)
+    assert [len(r.tokens) for r in res] == [8, 8]
+    stop = gpt2.tokenizer.decode(res[1].tokens[:2])           # ends "hello" after two tokens
+    assert stop and stop not in gpt2.tokenizer.decode(res[0].tokens)
+    with Counting() as c:
+        out = gpt2.generate(["a b c", "hello"], max_new_tokens=8, temperature=0, ignore_eos=True, stop=stop)
+    assert out[0].tokens == res[0].tokens and out[1].finish_reason == "stop" and len(out[1].tokens) == 2
+    # both rows for one step, then "a b c" alone (the prompts ran first, one forward each)
+    assert c.calls.count((2, 1)) == 1 and c.calls[-6:] == [(1, 1)] * 6 and len(c.calls) == 2 + 1 + 6
 
 
 def test_context_overflow(gpt2):
@@ -162,8 +164,10 @@ def test_context_overflow(gpt2):
                         ignore_eos=True, context_overflow="slide")
     assert len(res.tokens) == 3 * window and res.finish_reason == "length"
     plen = len(res.prompt_tokens)
-    capped = gpt2.generate("Once upon a time", max_new_tokens=3 * window, temperature=0, ignore_eos=True)
+    capped = gpt2.generate("Once upon a time", max_new_tokens=window, temperature=0, ignore_eos=True)
     assert len(capped.tokens) == window - plen and capped.finish_reason == "length"
+    with pytest.raises(ValueError, match="max_new_tokens .*context window"):       # at the door, before any work
+        gpt2.generate("Once upon a time", max_new_tokens=window + 1)
     long_prompt = "word " * (2 * window)
     with pytest.raises(ValueError, match="context window"):
         gpt2.generate(long_prompt, max_new_tokens=5)

@@ -13,7 +13,7 @@ import torch
 
 import prosa
 import tiny
-from prosa.generate import left_pad
+from tiny import left_pad
 from prosa.loader import build_model
 
 NAMES = list(tiny.SPECS)

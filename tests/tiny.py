@@ -126,3 +126,19 @@ def make_big_llama(path: Path) -> Path:
     torch.manual_seed(0)
     LlamaForCausalLM(config).save_pretrained(path, max_shard_size="120MB")
     return path
+
+
+def left_pad(prompts, pad_id: int, device=None):
+    """Prompts of different lengths -> (input_ids (B, T), attention_mask (B, T) or None), padded on the left so
+    that every sequence's next token is the last column (a padded batch for the plain ``KVCache``)."""
+    import torch
+
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for i, p in enumerate(prompts):
+        ids[i, width - len(p):] = torch.tensor(p, dtype=torch.long)
+        mask[i, width - len(p):] = 1
+    if bool(mask.all()):
+        return ids.to(device), None
+    return ids.to(device), mask.to(device)

@@ -557,21 +557,101 @@ inline void rope_half(float* x, const float* cos, const float* sin, int64_t rot)
   }
 }
 
+// The paged KV cache of one layer (prosa/engine/blocks.py): keys and values are (slots, KV, D) float32; position
+// `pos` of sequence b lives in slot table[b][pos / bs] * bs + pos % bs. Sequences have their own lengths.
+struct Paged {
+  float* k;
+  float* v;
+  const int32_t* table;   // (B, tstride) block ids
+  int64_t tstride, bs, KV, D;
+  int64_t slot(int64_t b, int64_t pos) const { return static_cast<int64_t>(table[b * tstride + pos / bs]) * bs + pos % bs; }
+};
+
+// Attention of one new query per sequence over its own keys 0..pos[b] (inclusive; with a sliding window only the
+// last `window`): q (B, H, D) -> out (B, H, D). Grouped-query heads share K/V head h / (H / KV). One (sequence, head)
+// per task; every row is computed the same way whatever else is in the batch (no padding, no batch-wide length),
+// so a sequence's numbers do not depend on its neighbours.
+void attend_paged(const float* qp, int64_t qstride, float* ap, const Paged& c, const int64_t* pos, int64_t B,
+                  int64_t H, int64_t window, float scale) {
+  const int64_t KV = c.KV, D = c.D;
+  int64_t longest = 0, work = 0;
+  for (int64_t b = 0; b < B; ++b) {
+    const int64_t lo = window > 0 ? std::max<int64_t>(0, pos[b] - window + 1) : 0;
+    longest = std::max(longest, pos[b] + 1);
+    work += H * (pos[b] + 1 - lo) * D;
+  }
+  const auto heads = [&](int64_t t0, int64_t t1) {
+    std::vector<float> p(longest);
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t b = t / H, hh = t % H, kvh = hh / (H / KV), last = pos[b];
+      const int64_t lo = window > 0 ? std::max<int64_t>(0, last - window + 1) : 0;
+      const float* q = qp + b * qstride + hh * D;
+      float mx = -INFINITY;
+      for (int64_t s = lo; s <= last; ++s) {
+        const float* kb = c.k + (c.slot(b, s) * KV + kvh) * D;
+        float acc = 0.f;
+        for (int64_t i = 0; i < D; ++i) acc += q[i] * kb[i];
+        p[s] = acc * scale;
+        mx = std::max(mx, p[s]);
+      }
+      float sum = 0.f;
+      for (int64_t s = lo; s <= last; ++s) { p[s] = std::exp(p[s] - mx); sum += p[s]; }
+      float* out = ap + (b * H + hh) * D;
+      for (int64_t i = 0; i < D; ++i) out[i] = 0.f;
+      const float inv = 1.0f / sum;
+      for (int64_t s = lo; s <= last; ++s) {
+        const float w = p[s] * inv;
+        if (w == 0.f) continue;
+        const float* vb = c.v + (c.slot(b, s) * KV + kvh) * D;
+        for (int64_t i = 0; i < D; ++i) out[i] += w * vb[i];
+      }
+    }
+  };
+  if (work < (1 << 16) || at::get_num_threads() == 1) heads(0, B * H); else at::parallel_for(0, B * H, 1, heads);
+}
+
+Paged paged_of(torch::Tensor& k_pool, torch::Tensor& v_pool, const torch::Tensor& table, int64_t bs) {
+  TORCH_CHECK(k_pool.dim() == 3 && k_pool.is_contiguous() && v_pool.is_contiguous() && v_pool.sizes() == k_pool.sizes()
+              && k_pool.scalar_type() == torch::kFloat && v_pool.scalar_type() == torch::kFloat,
+              "K/V pools must be contiguous float32 (slots, KV, D)");
+  TORCH_CHECK(table.dim() == 2 && table.scalar_type() == torch::kInt && table.is_contiguous(),
+              "block table must be contiguous int32 (B, blocks)");
+  TORCH_CHECK(bs > 0 && k_pool.size(0) % bs == 0, "pool slots must be a multiple of the block size");
+  return Paged{k_pool.data_ptr<float>(), v_pool.data_ptr<float>(), table.data_ptr<int32_t>(), table.size(1), bs,
+               k_pool.size(1), k_pool.size(2)};
+}
+
+// Every position a sequence touches must lie in a block of the pool (a bad table would read or write elsewhere).
+void check_positions(const Paged& c, const torch::Tensor& pos, int64_t B, int64_t slots) {
+  TORCH_CHECK(pos.dim() == 1 && pos.size(0) == B && pos.scalar_type() == torch::kLong && pos.is_contiguous(),
+              "positions must be contiguous int64 (B)");
+  const int64_t* pp = pos.data_ptr<int64_t>();
+  for (int64_t b = 0; b < B; ++b) {
+    TORCH_CHECK(pp[b] >= 0 && pp[b] / c.bs < c.tstride, "position outside the block table");
+    for (int64_t j = 0; j <= pp[b] / c.bs; ++j) {
+      const int64_t blk = c.table[b * c.tstride + j];
+      TORCH_CHECK(blk >= 0 && (blk + 1) * c.bs <= slots, "block id outside the pool");
+    }
+  }
+}
+
 struct LlamaBlock {
   torch::Tensor in_norm, post_norm;  // (C) float32
   Lin qkv, o, gate_up, down;
   int64_t n_heads = 0, n_kv = 0, head_dim = 0, rot = 0, window = 0, inter = 0;
   double eps = 1e-6;
 
-  // x (B, C) float32, updated in place and returned. k_cache/v_cache (B, H_kv, cap, D) float32; valid (B, cap)
-  // bool (already marks `slot` real); cos/sin (B, rot) float32.
-  torch::Tensor forward(torch::Tensor x, torch::Tensor k_cache, torch::Tensor v_cache, int64_t slot,
-                        torch::Tensor valid, torch::Tensor cos, torch::Tensor sin) const {
+  // x (B, C) float32, updated in place and returned. k_pool/v_pool (slots, H_kv, D) float32, this layer's paged
+  // cache; table (B, blocks) int32 and pos (B) int64: each sequence's block table and the position of its new token
+  // (its K/V are written there); cos/sin (B, rot) float32.
+  torch::Tensor forward(torch::Tensor x, torch::Tensor k_pool, torch::Tensor v_pool, torch::Tensor table,
+                        torch::Tensor pos, int64_t block_size, torch::Tensor cos, torch::Tensor sin) const {
     TORCH_CHECK(x.dim() == 2 && x.scalar_type() == torch::kFloat && x.is_contiguous(), "x must be (B, C) float32");
-    TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous() && k_cache.scalar_type() == torch::kFloat,
-                "caches must be contiguous float32");
-    const int64_t B = x.size(0), C = x.size(1), H = n_heads, KV = n_kv, D = head_dim, cap = k_cache.size(2);
-    TORCH_CHECK(slot >= 0 && slot < cap && k_cache.size(0) == B, "slot outside the cache");
+    const int64_t B = x.size(0), C = x.size(1), H = n_heads, KV = n_kv, D = head_dim;
+    const Paged c = paged_of(k_pool, v_pool, table, block_size);
+    TORCH_CHECK(c.KV == KV && c.D == D && table.size(0) == B, "cache shape does not match the block");
+    check_positions(c, pos, B, k_pool.size(0));
+    const int64_t* pp = pos.data_ptr<int64_t>();
     const float fe = static_cast<float>(eps);
     float* xp = x.data_ptr<float>();
     auto h = torch::empty({B, C}, x.options());
@@ -582,52 +662,15 @@ struct LlamaBlock {
     const int64_t row = (H + 2 * KV) * D;
     const float* cp = cos.data_ptr<float>();
     const float* sp = sin.data_ptr<float>();
-    float* kc = k_cache.data_ptr<float>();
-    float* vc = v_cache.data_ptr<float>();
     for (int64_t b = 0; b < B; ++b) {
       float* r = qp + b * row;
       for (int64_t j = 0; j < H + KV; ++j) rope_half(r + j * D, cp + b * rot, sp + b * rot, rot);
-      for (int64_t j = 0; j < KV; ++j) {
-        std::memcpy(kc + ((b * KV + j) * cap + slot) * D, r + (H + j) * D, D * sizeof(float));
-        std::memcpy(vc + ((b * KV + j) * cap + slot) * D, r + (H + KV + j) * D, D * sizeof(float));
-      }
+      const int64_t s = c.slot(b, pp[b]);
+      std::memcpy(c.k + s * KV * D, r + H * D, KV * D * sizeof(float));
+      std::memcpy(c.v + s * KV * D, r + (H + KV) * D, KV * D * sizeof(float));
     }
-    // attention: one (sequence, head) per task
     auto att = torch::empty({B, H * D}, x.options());
-    float* ap = att.data_ptr<float>();
-    const bool* vp = valid.data_ptr<bool>();
-    const int64_t vstride = valid.size(1);
-    const int64_t lo = window > 0 ? std::max<int64_t>(0, slot - window + 1) : 0;
-    const float scale = 1.0f / std::sqrt(static_cast<float>(D));
-    const auto heads = [&](int64_t t0, int64_t t1) {
-      std::vector<float> p(slot + 1);
-      for (int64_t t = t0; t < t1; ++t) {
-        const int64_t b = t / H, hh = t % H, kvh = hh / (H / KV);
-        const float* q = qp + b * row + hh * D;
-        const float* kb = kc + (b * KV + kvh) * cap * D;
-        const float* vb = vc + (b * KV + kvh) * cap * D;
-        float mx = -INFINITY;
-        for (int64_t s = lo; s <= slot; ++s) {
-          if (!vp[b * vstride + s] && s != slot) { p[s] = -INFINITY; continue; }
-          float acc = 0.f;
-          for (int64_t i = 0; i < D; ++i) acc += q[i] * kb[s * D + i];
-          p[s] = acc * scale;
-          mx = std::max(mx, p[s]);
-        }
-        float sum = 0.f;
-        for (int64_t s = lo; s <= slot; ++s) { p[s] = std::exp(p[s] - mx); sum += p[s]; }
-        float* out = ap + b * H * D + hh * D;
-        for (int64_t i = 0; i < D; ++i) out[i] = 0.f;
-        const float inv = 1.0f / sum;
-        for (int64_t s = lo; s <= slot; ++s) {
-          const float w = p[s] * inv;
-          if (w == 0.f) continue;
-          for (int64_t i = 0; i < D; ++i) out[i] += w * vb[s * D + i];
-        }
-      }
-    };
-    const int64_t work = B * H * (slot + 1 - lo) * D;
-    if (work < (1 << 16) || at::get_num_threads() == 1) heads(0, B * H); else at::parallel_for(0, B * H, 1, heads);
+    attend_paged(qp, row, att.data_ptr<float>(), c, pp, B, H, window, 1.0f / std::sqrt(static_cast<float>(D)));
     x.add_(o(att));
     for (int64_t b = 0; b < B; ++b) rmsnorm(xp + b * C, post_norm.data_ptr<float>(), hp + b * C, C, fe);
     auto gu = gate_up(h);  // (B, 2 I)
@@ -676,6 +719,23 @@ torch::Tensor linear_uint8_f32(const torch::Tensor& x, const torch::Tensor& w, c
   return qlinear_f32<false>(x, w, d, mn, bias, N, G);
 }
 
+// One new query per sequence against its paged keys/values (the decode step of models without a fused block):
+// q (B, H, D) float32 -> (B, H, D); keys 0..pos[b] of sequence b, the last `window` only when window > 0.
+torch::Tensor paged_attention(const torch::Tensor& q_in, torch::Tensor k_pool, torch::Tensor v_pool,
+                              const torch::Tensor& table, const torch::Tensor& pos, int64_t block_size, int64_t window,
+                              double scale) {
+  TORCH_CHECK(q_in.dim() == 3 && q_in.scalar_type() == torch::kFloat, "q must be (B, H, D) float32");
+  const torch::Tensor q = q_in.contiguous();
+  const int64_t B = q.size(0), H = q.size(1);
+  const Paged c = paged_of(k_pool, v_pool, table, block_size);
+  TORCH_CHECK(c.D == q.size(2) && H % c.KV == 0 && table.size(0) == B, "q does not match the cache");
+  check_positions(c, pos, B, k_pool.size(0));
+  auto out = torch::empty_like(q);
+  attend_paged(q.data_ptr<float>(), H * c.D, out.data_ptr<float>(), c, pos.data_ptr<int64_t>(), B, H, window,
+               static_cast<float>(scale));
+  return out;
+}
+
 std::string isa() { return (use_avx512() && !g_force_scalar) ? "avx512_vnni" : "scalar"; }
 void force_scalar(bool on) { g_force_scalar = on; }
 
@@ -715,6 +775,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("linear_uint8", &linear_uint8, "asymmetric int8 (stored 0..255, W = d q + m): as linear_int4's arguments",
         py::call_guard<py::gil_scoped_release>());
   m.def("linear_uint8_f32", &linear_uint8_f32, "asymmetric int8 with float32 activations",
+        py::call_guard<py::gil_scoped_release>());
+  m.def("paged_attention", &paged_attention, "attention of one query per sequence over its paged K/V cache",
         py::call_guard<py::gil_scoped_release>());
   m.def("isa", &isa, "the code path in use: avx512_vnni or scalar");
   m.def("force_scalar", &force_scalar, "use the portable path even where AVX-512 VNNI is available (tests)");

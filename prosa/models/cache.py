@@ -1,13 +1,38 @@
-"""The key/value cache: per-layer K/V buffers plus which slots hold real (non-padding) tokens.
+"""The cache protocol every model forward talks to, and ``KVCache``, the plain contiguous cache.
 
-Every sequence of a batch shares the slot index (a prompt shorter than the others is left-padded), so one
-``offset`` describes the whole batch. Buffers grow in chunks of ``step`` slots, so decoding does not
-reallocate every token; a later static cache can be swapped in behind the same three calls a model makes:
-``begin`` (once per forward), ``update`` (once per layer) and ``mask`` (once per distinct window).
+A model calls two methods of whatever cache it is given (``Cache``): ``begin`` once per forward (reserve room
+for the new tokens, get their positions) and ``attend`` once per layer (store the layer's new keys/values and
+attend over everything the sequence holds). Two caches implement it:
+
+- ``KVCache`` (here): per-layer buffers (B, H_kv, capacity, D) for a batch that shares one slot index; prompts of
+  different lengths are left-padded (``attention_mask``) and a valid-slot mask hides the pads. For direct model
+  calls (perplexity, tests, ``model(ids)``).
+- ``prosa.engine.paged.PagedBatch``: a view of the engine's paged cache for the sequences of one forward, each
+  with its own length and block table; no padding.
 """
 from __future__ import annotations
 
+from typing import Protocol, runtime_checkable
+
 import torch
+
+from .base import attention
+
+
+@runtime_checkable
+class Cache(Protocol):
+    """What a model's forward needs from a cache."""
+
+    def begin(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Reserve room for ``input_ids`` (B, T); return their positions (B, T) long."""
+        ...
+
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, window: int | None = None,
+               scale: float | None = None, upcast: bool = False) -> torch.Tensor:
+        """Store ``k``, ``v`` (B, H_kv, T, D) of ``layer`` and return attention of ``q`` (B, H, T, D) over every
+        key the sequence may see (causal; the last ``window`` keys when set), (B, H, T, D) in q's dtype.
+        ``scale`` None means 1/sqrt(D); ``upcast`` computes in float32 (GPT-Neo)."""
+        ...
 
 
 class KVCache:
@@ -113,11 +138,20 @@ class KVCache:
         self._masks[window] = mask
         return mask
 
-    # -- batch surgery, used by the generation loop -------------------------------------------------------
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, window: int | None = None,
+               scale: float | None = None, upcast: bool = False) -> torch.Tensor:
+        """``Cache.attend``: store k/v in the buffers, then attention with the padding/causal/window mask."""
+        keys, values = self.update(layer, k, v)
+        mask = self.mask(window)
+        if upcast:
+            return attention(q.float(), keys.float(), values.float(), mask, scale).to(q.dtype)
+        return attention(q, keys, values, mask, scale)
+
+    # -- batch surgery -------------------------------------------------------
     def select(self, index: torch.Tensor) -> None:
         """Keep, reorder or duplicate sequences: row ``i`` becomes old row ``index[i]``.
 
-        Used to drop finished sequences and to give ``n`` samples of one prompt that prompt's cache.
+        Gives ``n`` samples of one prompt that prompt's cache, or drops rows.
         """
         index = index.to(self.valid.device)
 

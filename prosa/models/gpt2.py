@@ -13,8 +13,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .base import BaseModelArgs, activation, attention, merge_heads, split_heads, tie_output
-from .cache import KVCache
+from .base import BaseModelArgs, activation, merge_heads, split_heads, tie_output
+from .cache import Cache, KVCache
 
 _CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 
@@ -43,10 +43,9 @@ class Attention(nn.Module):
         scale = 1 / math.sqrt(args.n_embd // args.n_head) if args.scale_attn_weights else 1.0
         self.scale = scale / (layer + 1) if args.scale_attn_by_inverse_layer_idx else scale
 
-    def forward(self, x: torch.Tensor, cache: KVCache) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cache: Cache) -> torch.Tensor:
         q, k, v = (split_heads(t, self.n_heads) for t in self.c_attn(x).chunk(3, dim=-1))  # (B, H, T, D)
-        k, v = cache.update(self.layer, k, v)
-        return self.c_proj(merge_heads(attention(q, k, v, cache.mask(), self.scale)))
+        return self.c_proj(merge_heads(cache.attend(self.layer, q, k, v, scale=self.scale)))
 
 
 class MLP(nn.Module):
@@ -69,7 +68,7 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(args.n_embd, eps=args.layer_norm_epsilon)
         self.mlp = MLP(args)
 
-    def forward(self, x: torch.Tensor, cache: KVCache) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cache: Cache) -> torch.Tensor:
         h = x + self.attn(self.ln_1(x), cache)
         return h + self.mlp(self.ln_2(h))
 
@@ -96,10 +95,15 @@ class Model(nn.Module):
     def context_length(self) -> int:
         return self.args.n_positions
 
+    @property
+    def kv_shape(self) -> tuple[int, int, int]:
+        """(layers, key/value heads, head size): what a cache stores per token."""
+        return self.args.n_layer, self.args.n_head, self.args.n_embd // self.args.n_head
+
     def make_cache(self, batch_size: int) -> KVCache:
         return KVCache(self.args.n_layer, batch_size)
 
-    def forward(self, input_ids: torch.Tensor, cache: KVCache | None = None,
+    def forward(self, input_ids: torch.Tensor, cache: Cache | None = None,
                 attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         cache = cache if cache is not None else self.make_cache(input_ids.shape[0])
         positions = cache.begin(input_ids, attention_mask)                          # (B, T)

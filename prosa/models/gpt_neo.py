@@ -13,8 +13,8 @@ import torch
 from torch import nn
 
 from ..errors import CorruptModelError
-from .base import BaseModelArgs, activation, attention, merge_heads, split_heads, tie_output
-from .cache import KVCache
+from .base import BaseModelArgs, activation, merge_heads, split_heads, tie_output
+from .cache import Cache, KVCache
 
 
 def expand_attention_types(attention_types: list) -> list[str]:
@@ -64,13 +64,12 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(c, c, bias=False)
         self.out_proj = nn.Linear(c, c)
 
-    def forward(self, x: torch.Tensor, cache: KVCache) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cache: Cache) -> torch.Tensor:
         q = split_heads(self.q_proj(x), self.n_heads)                      # (B, H, T, D)
         k = split_heads(self.k_proj(x), self.n_heads)
         v = split_heads(self.v_proj(x), self.n_heads)
-        k, v = cache.update(self.layer, k, v)                              # (B, H, S, D)
         # GPT-Neo never scales the scores by 1/sqrt(D), and computes attention in float32.
-        out = attention(q.float(), k.float(), v.float(), cache.mask(self.window), scale=1.0).to(x.dtype)
+        out = cache.attend(self.layer, q, k, v, window=self.window, scale=1.0, upcast=True)   # (B, H, T, D)
         return self.out_proj(merge_heads(out))                             # (B, T, C)
 
 
@@ -81,7 +80,7 @@ class AttentionLayer(nn.Module):
         super().__init__()
         self.attention = Attention(args, layer)
 
-    def forward(self, x: torch.Tensor, cache: KVCache) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cache: Cache) -> torch.Tensor:
         return self.attention(x, cache)
 
 
@@ -104,7 +103,7 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(args.hidden_size, eps=args.layer_norm_epsilon)
         self.mlp = MLP(args)
 
-    def forward(self, x: torch.Tensor, cache: KVCache) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cache: Cache) -> torch.Tensor:
         h = x + self.attn(self.ln_1(x), cache)
         return h + self.mlp(self.ln_2(h))
 
@@ -131,10 +130,15 @@ class Model(nn.Module):
     def context_length(self) -> int:
         return self.args.max_position_embeddings
 
+    @property
+    def kv_shape(self) -> tuple[int, int, int]:
+        """(layers, key/value heads, head size): what a cache stores per token."""
+        return self.args.num_layers, self.args.num_heads, self.args.hidden_size // self.args.num_heads
+
     def make_cache(self, batch_size: int) -> KVCache:
         return KVCache(self.args.num_layers, batch_size)
 
-    def forward(self, input_ids: torch.Tensor, cache: KVCache | None = None,
+    def forward(self, input_ids: torch.Tensor, cache: Cache | None = None,
                 attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         cache = cache if cache is not None else self.make_cache(input_ids.shape[0])
         positions = cache.begin(input_ids, attention_mask)                          # (B, T)

@@ -12,8 +12,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .base import BaseModelArgs, RoPE, activation, attention, merge_heads, tie_output
-from .cache import KVCache
+from .base import BaseModelArgs, RoPE, activation, merge_heads, tie_output
+from .cache import Cache, KVCache
 
 
 @dataclass
@@ -45,14 +45,13 @@ class Attention(nn.Module):
         self.query_key_value = nn.Linear(c, 3 * c, bias=args.attention_bias)
         self.dense = nn.Linear(c, c, bias=args.attention_bias)
 
-    def forward(self, x: torch.Tensor, rope: RoPE, cos_sin, cache: KVCache) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rope: RoPE, cos_sin, cache: Cache) -> torch.Tensor:
         b, t, _ = x.shape
         # The fused output is laid out per head as [q | k | v]: (B, T, H, 3*D) -> (B, H, T, 3*D).
         qkv = self.query_key_value(x).view(b, t, self.n_heads, 3 * self.head_dim).transpose(1, 2)
         q, k, v = qkv.chunk(3, dim=-1)                                        # each (B, H, T, D)
         q, k = rope.apply(q, *cos_sin), rope.apply(k, *cos_sin)
-        k, v = cache.update(self.layer, k, v)                                 # (B, H, S, D)
-        return self.dense(merge_heads(attention(q, k, v, cache.mask())))     # (B, T, C)
+        return self.dense(merge_heads(cache.attend(self.layer, q, k, v)))    # (B, T, C)
 
 
 class MLP(nn.Module):
@@ -75,7 +74,7 @@ class Block(nn.Module):
         self.attention = Attention(args, layer)
         self.mlp = MLP(args)
 
-    def forward(self, x: torch.Tensor, rope: RoPE, cos_sin, cache: KVCache) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rope: RoPE, cos_sin, cache: Cache) -> torch.Tensor:
         a = self.attention(self.input_layernorm(x), rope, cos_sin, cache)
         if self.parallel:
             # x + attn(ln1(x)) + mlp(ln2(x)): both branches read the block input.
@@ -106,10 +105,15 @@ class Model(nn.Module):
     def context_length(self) -> int:
         return self.args.max_position_embeddings
 
+    @property
+    def kv_shape(self) -> tuple[int, int, int]:
+        """(layers, key/value heads, head size): what a cache stores per token."""
+        return self.args.num_hidden_layers, self.args.num_attention_heads, self.args.hidden_size // self.args.num_attention_heads
+
     def make_cache(self, batch_size: int) -> KVCache:
         return KVCache(self.args.num_hidden_layers, batch_size)
 
-    def forward(self, input_ids: torch.Tensor, cache: KVCache | None = None,
+    def forward(self, input_ids: torch.Tensor, cache: Cache | None = None,
                 attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         cache = cache if cache is not None else self.make_cache(input_ids.shape[0])
         positions = cache.begin(input_ids, attention_mask)         # (B, T)

@@ -12,8 +12,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .base import BaseModelArgs, RoPE, activation, attention, merge_heads, split_heads, tie_output
-from .cache import KVCache
+from .base import BaseModelArgs, RoPE, activation, merge_heads, split_heads, tie_output
+from .cache import Cache, KVCache
 
 
 @dataclass
@@ -53,12 +53,11 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(c, c, bias=False)
         self.out_proj = nn.Linear(c, c, bias=False)
 
-    def forward(self, x: torch.Tensor, rope: RoPE, cos_sin, cache: KVCache) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rope: RoPE, cos_sin, cache: Cache) -> torch.Tensor:
         q = rope.apply(split_heads(self.q_proj(x), self.n_heads), *cos_sin)   # (B, H, T, D)
         k = rope.apply(split_heads(self.k_proj(x), self.n_heads), *cos_sin)
         v = split_heads(self.v_proj(x), self.n_heads)
-        k, v = cache.update(self.layer, k, v)                                  # (B, H, S, D)
-        return self.out_proj(merge_heads(attention(q, k, v, cache.mask())))    # (B, T, C)
+        return self.out_proj(merge_heads(cache.attend(self.layer, q, k, v)))   # (B, T, C)
 
 
 class MLP(nn.Module):
@@ -79,7 +78,7 @@ class Block(nn.Module):
         self.attn = Attention(args, layer)
         self.mlp = MLP(args)
 
-    def forward(self, x: torch.Tensor, rope: RoPE, cos_sin, cache: KVCache) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rope: RoPE, cos_sin, cache: Cache) -> torch.Tensor:
         h = self.ln_1(x)                       # one norm feeds both branches, which run in parallel
         return x + self.attn(h, rope, cos_sin, cache) + self.mlp(h)
 
@@ -107,10 +106,15 @@ class Model(nn.Module):
     def context_length(self) -> int:
         return self.args.n_positions
 
+    @property
+    def kv_shape(self) -> tuple[int, int, int]:
+        """(layers, key/value heads, head size): what a cache stores per token."""
+        return self.args.n_layer, self.args.n_head, self.args.head_dim
+
     def make_cache(self, batch_size: int) -> KVCache:
         return KVCache(self.args.n_layer, batch_size)
 
-    def forward(self, input_ids: torch.Tensor, cache: KVCache | None = None,
+    def forward(self, input_ids: torch.Tensor, cache: Cache | None = None,
                 attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         cache = cache if cache is not None else self.make_cache(input_ids.shape[0])
         positions = cache.begin(input_ids, attention_mask)        # (B, T)

@@ -11,8 +11,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .base import BaseModelArgs, RoPE, activation, attention, fuse, merge_heads, split_heads, tie_output
-from .cache import KVCache
+from .base import BaseModelArgs, RoPE, activation, fuse, merge_heads, split_heads, tie_output
+from .cache import Cache, KVCache
 
 
 @dataclass
@@ -68,12 +68,12 @@ class Attention(nn.Module):
         self.qkv_proj = nn.Linear(args.hidden_size, (self.n_heads + 2 * self.n_kv) * d, bias=args.attention_bias)
         self.o_proj = nn.Linear(self.n_heads * d, args.hidden_size, bias=args.attention_bias and args.model_type != "qwen2")
 
-    def forward(self, x: torch.Tensor, rope: RoPE, cos_sin, cache: KVCache) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rope: RoPE, cos_sin, cache: Cache) -> torch.Tensor:
         h, kv = self.n_heads, self.n_kv
         qkv = split_heads(self.qkv_proj(x), h + 2 * kv)          # (B, H + 2 H_kv, T, D)
         qk = rope.apply(qkv[:, :h + kv], *cos_sin)                # (B, H + H_kv, T, D)
-        k, v = cache.update(self.layer, qk[:, h:], qkv[:, h + kv:])  # (B, H_kv, S, D)
-        return self.o_proj(merge_heads(attention(qk[:, :h], k, v, cache.mask(self.window))))
+        out = cache.attend(self.layer, qk[:, :h], qk[:, h:], qkv[:, h + kv:], window=self.window)   # (B, H, T, D)
+        return self.o_proj(merge_heads(out))
 
 
 class MLP(nn.Module):
@@ -111,7 +111,7 @@ class Block(nn.Module):
         self.input_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
 
-    def forward(self, x: torch.Tensor, rope: RoPE, cos_sin, cache: KVCache) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rope: RoPE, cos_sin, cache: Cache) -> torch.Tensor:
         h = x + self.self_attn(self.input_layernorm(x), rope, cos_sin, cache)
         return h + self.mlp(self.post_attention_layernorm(h))
 
@@ -143,10 +143,15 @@ class Model(nn.Module):
     def context_length(self) -> int:
         return self.args.max_position_embeddings
 
+    @property
+    def kv_shape(self) -> tuple[int, int, int]:
+        """(layers, key/value heads, head size): what a cache stores per token."""
+        return self.args.num_hidden_layers, self.args.num_key_value_heads, self.args.head_dim
+
     def make_cache(self, batch_size: int) -> KVCache:
         return KVCache(self.args.num_hidden_layers, batch_size)
 
-    def forward(self, input_ids: torch.Tensor, cache: KVCache | None = None,
+    def forward(self, input_ids: torch.Tensor, cache: Cache | None = None,
                 attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         cache = cache if cache is not None else self.make_cache(input_ids.shape[0])
         positions = cache.begin(input_ids, attention_mask)

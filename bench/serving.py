@@ -1,0 +1,204 @@
+"""Serving load on the engine: clients arriving over time vs a static batch, and no regression for one script.
+
+* Serving load: N clients (1, 4, 8, 16) arrive evenly over ``--arrival`` seconds, each asking ``--tokens`` new
+  tokens (sampled, eos ignored, a prompt of its own), each from its own thread through ``LanguageModel.run``.
+  Aggregate decode tok/s = all generated tokens / (first token of anyone .. last token of anyone); time to first
+  token per client from its submission. The same N prompts as one static batch (``generate([...])``) give the
+  reference throughput. Targets (issue #9): 16 staggered clients >= 90% of the static batch-16 throughput;
+  aggregate at 16 >= 3.5x a single stream; a newcomer's first token p95 <= 2x the solo time to first token while
+  the others decode.
+* No regression: single-stream and static-batch-8 greedy decode tok/s of this tree and of ``--baseline`` (the
+  commit before the engine), each in fresh processes, round robin in one run; target >= 95%.
+
+    .venv/bin/python bench/serving.py [--quick] [--output docs/benchmarks.md]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+SECTION = "Serving load (issue #9)"
+BASELINE = "3924d56"               # the last commit before the engine
+PROMPT = "A story about a man and a dog"
+RESULT = "SERVING-RESULT "
+
+
+def _percentile(values: list[float], q: float) -> float:
+    values = sorted(values)
+    return values[min(len(values) - 1, max(0, round(q * (len(values) - 1))))]
+
+
+def clients(lm, n: int, tokens: int, arrival: float) -> dict:
+    """N clients arriving evenly over ``arrival`` seconds; their tokens, spans and first-token latencies."""
+    firsts, lasts, ttft, counts = [0.0] * n, [0.0] * n, [0.0] * n, [0] * n
+    start = time.perf_counter()
+
+    def client(i: int) -> None:
+        time.sleep(max(0.0, start + arrival * i / max(1, n) - time.perf_counter()))
+        requests = lm.make_requests([f"Client {i}. {PROMPT}"], max_new_tokens=tokens, temperature=0.8, seed=i,
+                                    ignore_eos=True)
+        submitted = time.perf_counter()
+        for ev in lm.run(requests):
+            now = time.perf_counter()
+            if counts[i] == 0:
+                firsts[i], ttft[i] = now, now - submitted
+            counts[i] += ev.token >= 0
+            lasts[i] = now
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    span = max(lasts) - min(firsts)
+    return {"tokens": sum(counts), "tok_s": (sum(counts) - n) / span, "ttft": ttft}
+
+
+def static(lm, n: int, tokens: int) -> float:
+    """The same prompts as one batch: aggregate decode tok/s after the first token."""
+    requests = lm.make_requests([f"Client {i}. {PROMPT}" for i in range(n)], max_new_tokens=tokens,
+                                temperature=0.8, seed=0, ignore_eos=True)
+    first = last = None
+    count = 0
+    for ev in lm.run(requests):
+        now = time.perf_counter()
+        first = first or now
+        last, count = now, count + 1
+    return (count - n) / (last - first)
+
+
+def serving(model: str | None, sizes: list[int], tokens: int, arrival: float) -> dict:
+    import prosa
+
+    lm = prosa.load(model)
+    lm.generate(PROMPT, max_new_tokens=4)                       # warm: kernels, engine thread, allocator
+    solo = [clients(lm, 1, 8, 0.0)["ttft"][0] for _ in range(5)]
+    out = {"model": lm.name, "weights": lm.weights, "solo_ttft": statistics.median(solo), "rows": {}}
+    for n in sizes:
+        lm.engine.clear_prefix_cache()
+        stag = clients(lm, n, tokens, arrival)
+        out["rows"][n] = {"staggered": stag["tok_s"], "static": static(lm, n, tokens),
+                          "ttft_p50": _percentile(stag["ttft"], 0.5), "ttft_p95": _percentile(stag["ttft"], 0.95),
+                          "newcomer_p95": _percentile(stag["ttft"][1:], 0.95) if n > 1 else None}
+    return out
+
+
+# ------------------------------------------------------------------------------------------ no regression
+WORKER = """
+import json, sys, time, prosa
+lm = prosa.load(None, quantize="int4")
+spec = json.loads(sys.argv[1])
+out = {}
+for b in spec["batches"]:
+    _, events = lm.events(["%s"] * b, max_new_tokens=spec["tokens"], temperature=0, ignore_eos=True)
+    first = last = None; count = 0
+    for ev in events:
+        now = time.perf_counter(); first = first or now; last = now; count += 1
+    out[b] = (count - b) / (last - first)
+print("%s" + json.dumps(out), flush=True)
+""" % (PROMPT, RESULT)
+
+
+def baseline_tree(rev: str) -> Path:
+    """A worktree of ``rev`` with its kernels built (under build/), made once."""
+    where = ROOT / "build" / f"baseline-{rev}"
+    if not (where / ".built").exists():
+        subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "-f", "--detach", str(where), rev], check=True,
+                       capture_output=True)
+        subprocess.run([sys.executable, "setup.py", "build_ext", "--inplace"], cwd=where, check=True,
+                       capture_output=True)
+        (where / ".built").write_text(rev)
+    return where
+
+
+def regression(rev: str, tokens: int, repeat: int) -> dict:
+    trees = {"engine": ROOT, "baseline": baseline_tree(rev)}
+    runs: dict[str, list[dict]] = {k: [] for k in trees}
+    spec = json.dumps({"batches": [1, 8], "tokens": tokens})
+    for _ in range(repeat):
+        for name, tree in trees.items():
+            env = {**os.environ, "PYTHONPATH": str(tree), "TOKENIZERS_PARALLELISM": "false"}
+            p = subprocess.run([sys.executable, "-c", WORKER, spec], capture_output=True, text=True, env=env,
+                               cwd=tree, timeout=900)
+            line = next((x for x in p.stdout.splitlines() if x.startswith(RESULT)), None)
+            if line is None:
+                raise RuntimeError(f"{name} worker failed: {p.stderr[-2000:]}")
+            runs[name].append({int(k): v for k, v in json.loads(line[len(RESULT):]).items()})
+    return {name: {b: statistics.median(r[b] for r in rs) for b in (1, 8)} for name, rs in runs.items()}
+
+
+# ------------------------------------------------------------------------------------------------ report
+def markdown(serve: dict, reg: dict | None, args) -> str:
+    rows = serve["rows"]
+    lines = [f"Model: {serve['model']} ({serve['weights']}); {args.tokens} new tokens per client, sampled, eos "
+             f"ignored; clients arrive evenly over {args.arrival:g} s, each in its own thread.", "",
+             "| clients | staggered tok/s | static batch tok/s | staggered / static | TTFT p50 (s) | TTFT p95 (s) |",
+             "|---:|---:|---:|---:|---:|---:|"]
+    for n, r in rows.items():
+        lines.append(f"| {n} | {r['staggered']:.1f} | {r['static']:.1f} | {r['staggered'] / r['static']:.2f} | "
+                     f"{r['ttft_p50']:.3f} | {r['ttft_p95']:.3f} |")
+    lines += ["", f"Solo time to first token: {serve['solo_ttft']:.3f} s.", "",
+              "| target | measured | | status |", "|---|---:|---:|---|"]
+    top = max(rows)
+    r = rows[top]
+
+    def row(name, value, target, ok, fmt="{:.2f}"):
+        lines.append(f"| {name} | {fmt.format(value)} | {target} | {'PASS' if ok else 'MISS'} |")
+
+    row(f"{top} staggered / static batch {top}", r["staggered"] / r["static"], ">= 0.90",
+        r["staggered"] / r["static"] >= 0.9)
+    if 1 in rows:
+        ratio = r["staggered"] / rows[1]["staggered"]
+        row(f"aggregate at {top} / single stream", ratio, ">= 3.5x", ratio >= 3.5, "{:.2f}x")
+    if r["newcomer_p95"] is not None:
+        ratio = r["newcomer_p95"] / serve["solo_ttft"]
+        row(f"newcomer TTFT p95 / solo TTFT (with {top - 1} decoding)", ratio, "<= 2x", ratio <= 2.0, "{:.2f}x")
+    if reg:
+        lines += ["", f"No regression (greedy, {args.tokens} tokens, int4, fresh processes, median of "
+                  f"{args.repeat}): this tree vs {args.baseline} (before the engine).", "",
+                  "| sequences | before tok/s | engine tok/s | ratio | target | status |", "|---:|---:|---:|---:|---|---|"]
+        for b in (1, 8):
+            old, new = reg["baseline"][b], reg["engine"][b]
+            lines.append(f"| {b} | {old:.1f} | {new:.1f} | {new / old:.2f} | >= 0.95 | "
+                         f"{'PASS' if new / old >= 0.95 else 'MISS'} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="1 and 4 clients, 32 tokens, no baseline (CI)")
+    p.add_argument("-m", "--model", default=None, help="model (default: the bundled SmolLM2)")
+    p.add_argument("--tokens", type=int, default=128)
+    p.add_argument("--arrival", type=float, default=2.0, help="seconds over which the clients arrive")
+    p.add_argument("--baseline", default=BASELINE, help="commit to compare single/static decode with ('' = skip)")
+    p.add_argument("--repeat", type=int, default=3, help="fresh-process runs per tree for the regression rows")
+    p.add_argument("--output", default=None, help="write the section into this markdown file")
+    args = p.parse_args(argv)
+    sizes = [1, 4] if args.quick else [1, 4, 8, 16]
+    if args.quick:
+        args.tokens, args.baseline = min(args.tokens, 32), ""
+    serve = serving(args.model, sizes, args.tokens, args.arrival)
+    reg = regression(args.baseline, args.tokens, args.repeat) if args.baseline else None
+    section = f"## {SECTION}\n\n{__doc__.strip().splitlines()[0]}\n\n{markdown(serve, reg, args)}\n"
+    if args.output is None:
+        print(section)
+        return 0
+    out = Path(args.output)
+    text = out.read_text(encoding="utf-8") if out.exists() else ""
+    parts = text.split("\n## ")
+    kept = [parts[0]] + [x for x in parts[1:] if not x.startswith(SECTION)]
+    out.write_text("\n## ".join(kept).rstrip() + "\n\n" + section, encoding="utf-8")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
