@@ -747,26 +747,38 @@ class Sampler:
         self._sampled_t: dict[torch.device, torch.Tensor] = {}
 
     def __call__(self, logits: torch.Tensor, generators: Sequence[torch.Generator]) -> torch.Tensor:
-        if logits.shape[0] != len(self.greedy_rows):
-            raise ValueError(f"sampler built for {len(self.greedy_rows)} sequences, got logits for {logits.shape[0]}")
-        alive = (logits > NEG_INF).any(dim=-1)
-        if not bool(alive.all()):
-            row = int((~alive).nonzero()[0, 0])
+        tokens, dead = self.pick(logits, generators)
+        if dead is not None:
+            row = int(dead.nonzero()[0, 0])
             raise ValueError(f"sequence {row}: every token is banned or has probability 0 (bad_words_ids, "
                              "no_repeat_ngram_size and min_new_tokens left nothing to generate)")
-        tokens = logits.argmax(dim=-1)
+        return tokens
+
+    def pick(self, logits: torch.Tensor, generators: Sequence[torch.Generator]
+             ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Like calling the sampler, but rows with nothing to pick (every logit -inf, or NaN) do not raise:
+        returns (tokens (B,), a (B,) bool mask of those rows or None when there are none); their tokens are
+        meaningless."""
+        if logits.shape[0] != len(self.greedy_rows):
+            raise ValueError(f"sampler built for {len(self.greedy_rows)} sequences, got logits for {logits.shape[0]}")
+        top, tokens = logits.max(dim=-1)           # one pass: the greedy tokens (first maximum) and the check
+        dead = ~(top > NEG_INF)
+        if bool(dead.any()):
+            logits = torch.where(dead[:, None], torch.zeros_like(logits), logits)
+        else:
+            dead = None
         if not self._sampled:
-            return tokens
+            return tokens, dead
         if len(generators) != len(self.greedy_rows):
             raise ValueError(f"need one generator per sequence ({len(self.greedy_rows)}), got {len(generators)}")
         gens = [generators[i] for i in self._sampled]
         if len(self._sampled) == len(self.greedy_rows):
-            return draw(logits, gens)
+            return draw(logits, gens), dead
         rows = self._sampled_t.get(logits.device)
         if rows is None:
             rows = self._sampled_t[logits.device] = torch.tensor(self._sampled, dtype=torch.long,
                                                                  device=logits.device)
-        return tokens.index_copy(0, rows, draw(logits[rows], gens))
+        return tokens.index_copy(0, rows, draw(logits[rows], gens)), dead
 
     def select(self, index: torch.Tensor | Sequence[int]) -> "Sampler":
         return Sampler([self.greedy_rows[i] for i in _index_list(index)])

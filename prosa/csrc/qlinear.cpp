@@ -570,44 +570,117 @@ struct Paged {
 // Attention of one new query per sequence over its own keys 0..pos[b] (inclusive; with a sliding window only the
 // last `window`): q (B, H, D) -> out (B, H, D). Grouped-query heads share K/V head h / (H / KV). One (sequence, head)
 // per task; every row is computed the same way whatever else is in the batch (no padding, no batch-wide length),
-// so a sequence's numbers do not depend on its neighbours.
+// so a sequence's numbers do not depend on its neighbours. Keys are walked block by block (one table lookup per
+// block); the dot products and the weighted sum of values use AVX-512 where the CPU has it.
+struct Attn {
+  const float* q;
+  int64_t qstride;
+  float* out;
+  const Paged* c;
+  const int64_t* pos;
+  int64_t H, window;
+  float scale;
+};
+
+// Calls f(s, k_row, v_row) for every key position s of task t's window, in order.
+template <typename F>
+inline void for_keys(const Attn& a, int64_t b, int64_t kvh, int64_t lo, int64_t last, const F& f) {
+  const Paged& c = *a.c;
+  const int64_t step = c.KV * c.D;
+  for (int64_t j = lo / c.bs; j <= last / c.bs; ++j) {
+    const int64_t first = std::max(lo, j * c.bs), end = std::min(last, j * c.bs + c.bs - 1);
+    const int64_t base = (static_cast<int64_t>(c.table[b * c.tstride + j]) * c.bs + (first - j * c.bs)) * step + kvh * c.D;
+    const float* kb = c.k + base;
+    const float* vb = c.v + base;
+    for (int64_t s = first; s <= end; ++s, kb += step, vb += step) f(s, kb, vb);
+  }
+}
+
+template <typename Dot, typename Axpy>
+inline void attend_task(const Attn& a, int64_t t, float* p, const Dot& dot, const Axpy& axpy) {
+  const int64_t H = a.H, D = a.c->D;
+  const int64_t b = t / H, hh = t % H, kvh = hh / (H / a.c->KV), last = a.pos[b];
+  const int64_t lo = a.window > 0 ? std::max<int64_t>(0, last - a.window + 1) : 0;
+  const float* q = a.q + b * a.qstride + hh * D;
+  float mx = -INFINITY;
+  for_keys(a, b, kvh, lo, last, [&](int64_t s, const float* k, const float*) {
+    p[s] = dot(q, k, D) * a.scale;
+    mx = std::max(mx, p[s]);
+  });
+  float sum = 0.f;
+  for (int64_t s = lo; s <= last; ++s) { p[s] = std::exp(p[s] - mx); sum += p[s]; }
+  float* out = a.out + (b * H + hh) * D;
+  for (int64_t i = 0; i < D; ++i) out[i] = 0.f;
+  const float inv = 1.0f / sum;
+  for_keys(a, b, kvh, lo, last, [&](int64_t s, const float*, const float* v) {
+    const float w = p[s] * inv;
+    if (w != 0.f) axpy(w, v, out, D);
+  });
+}
+
+void attend_tasks_scalar(const Attn& a, int64_t t0, int64_t t1, float* p) {
+  const auto dot = [](const float* x, const float* y, int64_t n) {
+    float acc = 0.f;
+    for (int64_t i = 0; i < n; ++i) acc += x[i] * y[i];
+    return acc;
+  };
+  const auto axpy = [](float w, const float* v, float* out, int64_t n) {
+    for (int64_t i = 0; i < n; ++i) out[i] += w * v[i];
+  };
+  for (int64_t t = t0; t < t1; ++t) attend_task(a, t, p, dot, axpy);
+}
+
+#if PROSA_X86
+struct DotAvx512 {
+  TGT float operator()(const float* x, const float* y, int64_t n) const {
+    __m512 acc = _mm512_setzero_ps();
+    int64_t i = 0;
+    for (; i + 16 <= n; i += 16) acc = _mm512_fmadd_ps(_mm512_loadu_ps(x + i), _mm512_loadu_ps(y + i), acc);
+    if (i < n) {
+      const __mmask16 m = static_cast<__mmask16>((1u << (n - i)) - 1);
+      acc = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, x + i), _mm512_maskz_loadu_ps(m, y + i), acc);
+    }
+    return _mm512_reduce_add_ps(acc);
+  }
+};
+
+struct AxpyAvx512 {
+  TGT void operator()(float w, const float* v, float* out, int64_t n) const {
+    const __m512 wv = _mm512_set1_ps(w);
+    int64_t i = 0;
+    for (; i + 16 <= n; i += 16)
+      _mm512_storeu_ps(out + i, _mm512_fmadd_ps(wv, _mm512_loadu_ps(v + i), _mm512_loadu_ps(out + i)));
+    if (i < n) {
+      const __mmask16 m = static_cast<__mmask16>((1u << (n - i)) - 1);
+      _mm512_mask_storeu_ps(out + i, m, _mm512_fmadd_ps(wv, _mm512_maskz_loadu_ps(m, v + i),
+                                                        _mm512_maskz_loadu_ps(m, out + i)));
+    }
+  }
+};
+
+void attend_tasks_avx512(const Attn& a, int64_t t0, int64_t t1, float* p) {
+  for (int64_t t = t0; t < t1; ++t) attend_task(a, t, p, DotAvx512{}, AxpyAvx512{});
+}
+#endif
+
 void attend_paged(const float* qp, int64_t qstride, float* ap, const Paged& c, const int64_t* pos, int64_t B,
                   int64_t H, int64_t window, float scale) {
-  const int64_t KV = c.KV, D = c.D;
   int64_t longest = 0, work = 0;
   for (int64_t b = 0; b < B; ++b) {
     const int64_t lo = window > 0 ? std::max<int64_t>(0, pos[b] - window + 1) : 0;
     longest = std::max(longest, pos[b] + 1);
-    work += H * (pos[b] + 1 - lo) * D;
+    work += H * (pos[b] + 1 - lo) * c.D;
   }
-  const auto heads = [&](int64_t t0, int64_t t1) {
+  const Attn a{qp, qstride, ap, &c, pos, H, window, scale};
+  const bool avx = use_avx512() && !g_force_scalar;
+  const auto tasks = [&](int64_t t0, int64_t t1) {
     std::vector<float> p(longest);
-    for (int64_t t = t0; t < t1; ++t) {
-      const int64_t b = t / H, hh = t % H, kvh = hh / (H / KV), last = pos[b];
-      const int64_t lo = window > 0 ? std::max<int64_t>(0, last - window + 1) : 0;
-      const float* q = qp + b * qstride + hh * D;
-      float mx = -INFINITY;
-      for (int64_t s = lo; s <= last; ++s) {
-        const float* kb = c.k + (c.slot(b, s) * KV + kvh) * D;
-        float acc = 0.f;
-        for (int64_t i = 0; i < D; ++i) acc += q[i] * kb[i];
-        p[s] = acc * scale;
-        mx = std::max(mx, p[s]);
-      }
-      float sum = 0.f;
-      for (int64_t s = lo; s <= last; ++s) { p[s] = std::exp(p[s] - mx); sum += p[s]; }
-      float* out = ap + (b * H + hh) * D;
-      for (int64_t i = 0; i < D; ++i) out[i] = 0.f;
-      const float inv = 1.0f / sum;
-      for (int64_t s = lo; s <= last; ++s) {
-        const float w = p[s] * inv;
-        if (w == 0.f) continue;
-        const float* vb = c.v + (c.slot(b, s) * KV + kvh) * D;
-        for (int64_t i = 0; i < D; ++i) out[i] += w * vb[i];
-      }
-    }
+#if PROSA_X86
+    if (avx) { attend_tasks_avx512(a, t0, t1, p.data()); return; }
+#endif
+    attend_tasks_scalar(a, t0, t1, p.data());
   };
-  if (work < (1 << 16) || at::get_num_threads() == 1) heads(0, B * H); else at::parallel_for(0, B * H, 1, heads);
+  if (work < (1 << 16) || at::get_num_threads() == 1) tasks(0, B * H); else at::parallel_for(0, B * H, 1, tasks);
 }
 
 Paged paged_of(torch::Tensor& k_pool, torch::Tensor& v_pool, const torch::Tensor& table, int64_t bs) {

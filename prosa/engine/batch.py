@@ -17,7 +17,6 @@ from .sequence import Sequence
 # Processors that read the token history; the others (temperature, filters, logit_bias) only read logits.
 _HISTORY = frozenset({"repetition_penalty", "presence_frequency_penalty", "no_repeat_ngram", "bad_words",
                       "min_new_tokens"})
-NEG_INF = float("-inf")
 
 
 class Picker:
@@ -67,15 +66,13 @@ class Picker:
             for idx, procs, history in self.groups:
                 rows = torch.tensor(idx, device=logits.device)
                 processed[rows] = apply(procs, logits[rows], history)
-        alive = (processed > NEG_INF).any(dim=-1) & ~processed.isnan().any(dim=-1)
+        tokens, stuck = self.sampler.pick(processed, self.generators)
         dead: dict[int, str] = {}
-        if not bool(alive.all()):
-            for i in (~alive).nonzero()[:, 0].tolist():
+        if stuck is not None:
+            for i in stuck.nonzero()[:, 0].tolist():
                 dead[i] = ("every token is banned or has probability 0 under this request's settings "
                            "(bad_words, no_repeat_ngram_size, min_new_tokens, logit_bias) or the model's logits "
                            "are not numbers; nothing can be generated")
-            processed = torch.where(alive[:, None], processed, torch.zeros_like(processed))
-        tokens = self.sampler(processed, self.generators)
         for idx, procs, history in self.groups:
             if history is not None:
                 history.append(tokens if self._whole else tokens[torch.tensor(idx, device=tokens.device)])

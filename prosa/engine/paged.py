@@ -55,7 +55,7 @@ class PagedBatch:
         if attention_mask is not None and not bool(attention_mask.bool().all()):
             raise ValueError("PagedBatch rows have their own lengths: padding is not supported")
         self.positions = self.starts[:, None] + torch.arange(t)
-        self._slots = self.slots(self.positions).reshape(-1)
+        self._slots = None            # made by the first attend (the fused step writes the cache itself)
         self._gather = None
         device = self.pool.device
         return self.positions.to(device) if device.type != "cpu" else self.positions
@@ -70,7 +70,9 @@ class PagedBatch:
         """``Cache.attend``: write k/v (B, H_kv, T, D) into the rows' blocks, attend q (B, H, T, D) over them."""
         keys, values = self.pool.keys[layer], self.pool.values[layer]      # (slots, H_kv, D)
         b, h_kv, t, d = k.shape
-        slots = self._slots.to(keys.device)
+        if self._slots is None:
+            self._slots = self.slots(self.positions).reshape(-1).to(keys.device)
+        slots = self._slots
         keys.index_copy_(0, slots, k.transpose(1, 2).reshape(b * t, h_kv, d).to(keys.dtype))
         values.index_copy_(0, slots, v.transpose(1, 2).reshape(b * t, h_kv, d).to(values.dtype))
         scale = 1 / math.sqrt(d) if scale is None else scale
