@@ -74,7 +74,6 @@ Deviations from transformers, all deliberate:
 """
 from __future__ import annotations
 
-import copy
 import dataclasses
 import enum
 import logging

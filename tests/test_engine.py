@@ -8,7 +8,6 @@ import threading
 from collections import defaultdict
 
 import pytest
-import torch
 
 import prosa
 from prosa.engine import Engine, Request
@@ -129,11 +128,11 @@ def test_cancel_frees_the_row_at_the_next_step(small):
     a, b = engine.submit(long), engine.submit(other, tag=1)
     for _ in range(4):
         engine.step()
-    assert len(engine.running) == 2
+    assert len(engine.scheduler.running) == 2
     used, reserved = engine.pool.used, engine.pool.reserved
     a.cancel()
     engine.step()
-    assert [s.handle for s in engine.running] == [b]
+    assert [s.handle for s in engine.scheduler.running] == [b]
     assert engine.pool.used < used and engine.pool.reserved < reserved
     evs = drain(a)
     assert evs[-1].finish_reason == "cancelled" and a.done

@@ -33,10 +33,10 @@ from typing import Any, Iterator
 
 import torch
 
-from .batch import Picker
 from .blocks import BlockPool
 from .metrics import Metrics
 from .runner import PagedRunner, SoloRunner
+from .scheduler import Scheduler
 from .sequence import Event, Request, Sequence
 
 log = logging.getLogger("prosa")
@@ -90,7 +90,7 @@ def default_max_batch(device: torch.device) -> int:
 
 def default_kv_tokens(bytes_per_token: int, window: int, max_batch: int, block_size: int) -> int:
     """The default KV budget in tokens: a full batch of sequences each reserving the whole window (see
-    ``Engine.blocks_for``), but at most a quarter of the available memory (and at least one such sequence)."""
+    ``Scheduler.blocks_for``), but at most a quarter of the available memory (and at least one such sequence)."""
     from ..loader import available_memory
 
     per_sequence = (-(-window // block_size) + 1) * block_size
@@ -128,7 +128,6 @@ class Engine:
         self.device = next(model.parameters()).device
         self.max_batch = max_batch or default_max_batch(self.device)
         self.prefill_chunk, self.threads = prefill_chunk, threads
-        self.eos_ids = frozenset(tokenizer.eos_token_ids)
         self.metrics = Metrics(self._gauges)
         if hasattr(model, "kv_shape"):
             from .. import quant
@@ -152,23 +151,11 @@ class Engine:
         self._clear = False
         self._background = background
         # Owned by the engine thread:
-        self.waiting: deque[Handle] = deque()
-        self.prefilling: deque[Sequence] = deque()
-        self.running: list[Sequence] = []
-        self._live = 0                       # sequences admitted and not ended (incl. samples not forked yet)
-        self._picker: Picker | None = None
-        self._last: tuple[list[Sequence], torch.Tensor] | None = None   # rows of the last decode and their logits
+        self.scheduler = Scheduler(self.runner, self.pool, tokenizer, self.window, self.max_batch, prefill_chunk,
+                                   self.metrics)
         _engines.add(self)
 
     # -- any thread ------------------------------------------------------------------------------------------------
-    def blocks_for(self, request: Request) -> int:
-        """KV blocks one sample of ``request`` may need at most (its reservation)."""
-        if self.pool is None:
-            return 0
-        most = (self.window if request.context_overflow == "slide"
-                else min(len(request.prompt) + request.max_new_tokens, self.window))
-        return -(-most // self.pool.block_size) + 1       # + 1: a block copied when samples fork
-
     def submit(self, request: Request, *, tag: int = 0, events: "queue.SimpleQueue[Event] | None" = None) -> Handle:
         """Queue ``request``; returns its ``Handle`` (events on ``events``, or a new queue).
 
@@ -177,7 +164,7 @@ class Engine:
             RuntimeError: the engine was closed.
         """
         if self.pool is not None:
-            need = self.blocks_for(request) * request.n
+            need = self.scheduler.blocks_for(request) * request.n
             if need > self.pool.num_blocks:
                 bs = self.pool.block_size
                 raise ValueError(f"the request needs up to {need * bs} tokens of KV cache (n={request.n} x prompt + "
@@ -187,7 +174,7 @@ class Engine:
         with self._lock:
             if self._closed:
                 raise RuntimeError("the engine is closed")
-            handle.position = len(self.waiting) + len(self._inbox)
+            handle.position = len(self.scheduler.waiting) + len(self._inbox)
             self._inbox.append(handle)
             self._start()
             self._wake.notify()
@@ -231,17 +218,18 @@ class Engine:
             raise RuntimeError("this engine runs its own thread; step() is for background=False")
         with torch.inference_mode():
             self._iterate()
-        return self._busy() or bool(self._inbox)
+        return self.scheduler.busy() or bool(self._inbox)
 
     def _loop(self) -> None:
         if self.threads:
             torch.set_num_threads(self.threads)     # this thread's kernels only
+        sched = self.scheduler
         with torch.inference_mode():
             while True:
                 with self._lock:
-                    while not (self._inbox or self._cancels or self._closed or self._clear or self._busy()):
+                    while not (self._inbox or self._cancels or self._closed or self._clear or sched.busy()):
                         if not self._wake.wait(IDLE_EXIT_S) and not (self._inbox or self._cancels or self._clear
-                                                                     or self._busy()):
+                                                                     or sched.busy()):
                             self._thread = None
                             return
                 if not self._iterate():
@@ -255,241 +243,29 @@ class Engine:
             closed, clear, self._clear = self._closed, self._clear, False
         if clear and self.pool is not None:
             self.pool.clear_prefixes()
-        self.waiting.extend(inbox)
+        sched = self.scheduler
+        sched.waiting.extend(inbox)
         for h in cancels:
-            self._end(h, "cancelled")
+            sched.end(h, "cancelled")
         if closed:
-            for h in self._in_flight():
-                self._end(h, "cancelled")
+            for h in sched.in_flight():
+                sched.end(h, "cancelled")
             with self._lock:
                 self._thread = None
             return False
         try:
-            self._step()
+            sched.step()
         except Exception as e:     # a bug: end everything in flight rather than hang its callers
             log.exception("prosa engine step failed")
-            for h in self._in_flight():
-                self._end(h, "error", f"internal error: {e}")
-            self._picker = self._last = None
+            for h in sched.in_flight():
+                sched.end(h, "error", f"internal error: {e}")
+            sched.reset()
         return True
-
-    def _in_flight(self) -> set[Handle]:
-        return {*self.waiting, *(s.handle for s in (*self.prefilling, *self.running))}
-
-    def _busy(self) -> bool:
-        return bool(self.waiting or self.prefilling or self.running)
-
-    def _step(self) -> None:
-        self._admit()
-        self._prefill()
-        self._decode()
-        for i, h in enumerate(self.waiting):
-            h.position = i
 
     def _gauges(self) -> dict[str, float]:
         """The live gauges (read from any thread: plain reads of the engine thread's counters)."""
-        return {"waiting": len(self.waiting) + len(self._inbox), "running": self._live,
+        return {"waiting": len(self.scheduler.waiting) + len(self._inbox), "running": self.scheduler.live,
                 "kv_cache_usage": self.pool.used / self.pool.num_blocks if self.pool is not None else 0.0}
-
-    def _admit(self) -> None:
-        admitted = False
-        while self.waiting:
-            h = self.waiting[0]
-            req = h.request
-            per_sample = self.blocks_for(req)
-            if self._live and self._live + req.n > self.max_batch:
-                break
-            if self.pool is not None and self.pool.reserved + per_sample * req.n > self.pool.num_blocks:
-                break
-            self.waiting.popleft()
-            h.position = None
-            if self.pool is not None:
-                self.pool.reserved += per_sample * req.n
-            self._live += req.n
-            limit = (req.max_new_tokens if req.context_overflow == "slide"
-                     else min(req.max_new_tokens, self.window - len(req.prompt)))
-            if limit <= 0:
-                for j in range(req.n):
-                    self._finish(h, Event(0, h.tag, j, -1, "", finish_reason="length"))
-                continue
-            leader = self._sequence(h, 0, list(req.prompt), limit)
-            self.runner.start(leader)
-            self.metrics.add(prompt_tokens=len(req.prompt), prompt_tokens_cached=leader.cached)
-            self.prefilling.append(leader)
-            admitted = True
-        if admitted:
-            self.runner.refresh()
-
-    def _sequence(self, h: Handle, sample: int, tokens: list[int], limit: int) -> Sequence:
-        seq = Sequence(h, sample, tokens, limit, self.tokenizer.detokenizer(h.request.skip_special_tokens),
-                       torch.Generator().manual_seed(h.request.seed + sample))
-        h.seqs.append(seq)
-        return seq
-
-    def _prefill(self) -> None:
-        # A prompt is cut at every prefill_chunk tokens of its own, whatever else runs (the cut changes rounding,
-        # so it must not depend on the neighbours); a step takes whole pieces while they fit its budget.
-        budget = self.prefill_chunk
-        while self.prefilling:
-            seq = self.prefilling[0]
-            count = min(self.prefill_chunk, len(seq.pending))
-            if count > budget:
-                break
-            try:
-                logits = self.runner.prefill(seq, count)
-            except Exception as e:
-                log.exception("prosa engine: prompt failed")
-                self._end(seq.handle, "error", f"the prompt could not be run: {e}")
-                continue
-            budget -= count
-            self.metrics.add(prompt_tokens_computed=count)
-            if seq.pending:
-                continue
-            self.prefilling.popleft()
-            seq.logits = logits
-            self.running.append(seq)
-            h = seq.handle
-            if seq.generated == 0 and seq.sample == 0:           # a new prompt: its other samples fork from it
-                for j in range(1, h.request.n):
-                    follower = self._sequence(h, j, list(seq.tokens), seq.limit)
-                    self.runner.fork(seq, follower)
-                    follower.logits = logits
-                    self.running.append(follower)
-
-    def _decode(self) -> None:
-        rows = self.running
-        if not rows:
-            return
-        if self._last is not None and self._last[0] == rows:
-            logits = self._last[1]
-        else:
-            logits = torch.stack([s.logits for s in rows])
-        tokens, dead, logprobs = self._pick(rows, logits)
-        now = time.monotonic()
-        keep: list[int] = []
-        for i, s in enumerate(rows):
-            if s.done:                   # ended with another sample of its request
-                continue
-            if i in dead:
-                self._finish(s.handle, Event(s.sample, s.handle.tag, s.sample, -1, "", finish_reason="error",
-                                             error=dead[i]), s)
-                continue
-            ev = self._advance(s, tokens[i], logprobs[i] if logprobs else None)
-            self._record(s, now)
-            if ev.finish_reason:
-                self._finish(s.handle, ev, s)
-            elif s.request.context_overflow == "slide" and s.cached >= self.window:
-                self._slide(s)
-                s.handle.queue.put(ev)
-            else:
-                s.handle.queue.put(ev)
-                keep.append(i)
-        keep = [i for i in keep if not rows[i].done]
-        self.running = [rows[i] for i in keep]
-        self._last = None
-        if not keep:
-            return
-        new = torch.tensor([tokens[i] for i in keep], dtype=torch.long)
-        try:
-            out = self.runner.decode(self.running, new)
-        except Exception as e:
-            log.exception("prosa engine: decode step failed")
-            for h in {s.handle for s in self.running}:
-                self._end(h, "error", f"the decode step failed: {e}")
-            return
-        self._last = (list(self.running), out)
-        for i, s in enumerate(self.running):
-            s.logits = out[i]
-
-    def _pick(self, rows: list[Sequence], logits: torch.Tensor) -> tuple[list[int], dict[int, str], list | None]:
-        """Tokens for ``rows``; when the batch's processors fail (a bad setting the door did not catch), each row
-        is picked alone so that only the rows at fault fail."""
-        try:
-            if self._picker is None or self._picker.rows != rows:
-                self._picker = Picker(rows, logits.shape[-1], self.eos_ids, logits.device)
-            return self._picker.pick(logits)
-        except Exception:
-            self._picker = None
-        tokens, dead, logprobs = [], {}, []
-        for i, s in enumerate(rows):
-            try:
-                (tok,), d, lp = Picker([s], logits.shape[-1], self.eos_ids, logits.device).pick(logits[i:i + 1])
-            except Exception as e:
-                tok, d, lp = -1, {0: f"this request's settings failed: {e}"}, None
-            tokens.append(tok)
-            if d:
-                dead[i] = d[0]
-            logprobs.append(lp[0] if lp else None)
-        return tokens, dead, logprobs if any(lp is not None for lp in logprobs) else None
-
-    def _advance(self, s: Sequence, tok: int, logprob: tuple | None) -> Event:
-        """Append ``tok`` to ``s``; the event with its text and, when it ends ``s``, the finish reason."""
-        h, req = s.handle, s.request
-        s.generated += 1
-        s.tokens.append(tok)
-        text, stop = s.stop.feed(s.detok.add_token(tok))
-        reason = stop_reason = None
-        if stop is not None:
-            reason, stop_reason = "stop", stop
-        elif tok in (req.eos_ids if req.eos_ids is not None else self.eos_ids) and not req.ignore_eos:
-            reason, stop_reason = "stop", tok
-        elif s.generated >= s.limit:
-            reason = "length"
-        if reason and stop is None:
-            tail, stop = s.stop.feed(s.detok.finalize())
-            text += tail if stop is not None else tail + s.stop.flush()
-            if stop is not None:
-                stop_reason = stop
-        ev = Event(s.sample, h.tag, s.sample, tok, text, finish_reason=reason, stop_reason=stop_reason)
-        if logprob is not None:
-            ev.logprob, ev.top_logprobs = logprob
-        return ev
-
-    def _record(self, s: Sequence, now: float) -> None:
-        m, h = self.metrics, s.handle
-        m.add(generation_tokens=1)
-        if h.first_token is None:
-            h.first_token = now
-            m.observe("ttft", now - h.submitted)
-        elif s.last_token_time is not None:
-            m.observe("itl", now - s.last_token_time)
-        s.last_token_time = now
-
-    def _slide(self, s: Sequence) -> None:
-        """Restart ``s``'s window from its most recent half (positions are recomputed, which models with learned
-        absolute positions such as GPT-2 need); it rejoins the batch once that is prefilled, ahead of new prompts."""
-        self.runner.release(s)
-        s.offset = len(s.tokens) - max(1, self.window // 2)
-        self.runner.start(s)
-        s.logits = None
-        self.prefilling.appendleft(s)
-
-    def _finish(self, h: Handle, ev: Event, s: Sequence | None = None) -> None:
-        """End one sample of ``h`` with its last event (``s``: its sequence, if it started)."""
-        if s is not None:
-            s.done = True
-            self.runner.release(s)
-        if h.position is None:           # admitted: give back its share of the reservation and the batch
-            if self.pool is not None:
-                self.pool.reserved -= self.blocks_for(h.request)
-            self._live -= 1
-        h.finished += 1
-        self.metrics.finished(ev.finish_reason)
-        h.queue.put(ev)
-
-    def _end(self, h: Handle, reason: str, error: str | None = None) -> None:
-        """End every unfinished sample of ``h`` (cancelled, or failed with ``error``)."""
-        if h.done:
-            return
-        if h.position is not None and h in self.waiting:
-            self.waiting.remove(h)
-        self.prefilling = deque(s for s in self.prefilling if s.handle is not h)
-        self.running = [s for s in self.running if s.handle is not h]
-        started = {s.sample: s for s in h.seqs}
-        for j in range(h.request.n):
-            s = started.get(j)
-            if s is None or not s.done:
-                self._finish(h, Event(j, h.tag, j, -1, "", finish_reason=reason, error=error), s)
 
 
 @atexit.register
