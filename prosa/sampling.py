@@ -724,8 +724,16 @@ def draw(logits: torch.Tensor, generators: Sequence[torch.Generator]) -> torch.T
     """Sample one token per row from softmax(logits), row i using only ``generators[i]`` (one uniform number,
     inverse CDF), so a row's draw depends on nothing else in the batch. Zero-probability tokens are never drawn."""
     probs = logits.softmax(dim=-1)
+    uniforms = _uniforms(generators, logits.device)
+    if probs.device.type == "cpu" and probs.dtype == torch.float32:
+        from .quant import kernels
+
+        ext = kernels()
+        if ext is not None and hasattr(ext, "sample_rows"):
+            # The same sums in the same order in C++: no (B, V) float64 cumsum tensor (4 ms for 16 x 49k rows).
+            return ext.sample_rows(probs, uniforms)
     cdf = probs.double().cumsum(dim=-1)
-    target = _uniforms(generators, logits.device) * cdf[:, -1]
+    target = uniforms * cdf[:, -1]
     picked = torch.searchsorted(cdf, target[:, None], right=True)[:, 0]
     # u * total can round up to the total; never step past the last token with non-zero probability.
     ids = torch.arange(logits.shape[-1], device=logits.device)

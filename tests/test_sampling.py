@@ -507,3 +507,25 @@ def test_processors_do_not_modify_their_input():
     before = logits.clone()
     out = apply(make_logits_processors(params, [0], 10), logits, history)
     assert torch.equal(logits, before) and not torch.equal(out, before)
+
+
+def test_compiled_draw_equals_the_pytorch_draw(monkeypatch):
+    """``draw`` uses prosa's C++ ``sample_rows`` when built: the same token as the PyTorch path (float64 cumsum and
+    searchsorted) for every row, including rows with banned tokens and rows of a single token."""
+    from prosa import quant
+
+    if quant.kernels() is None or not hasattr(quant.kernels(), "sample_rows"):
+        pytest.skip("prosa's kernels are not built")
+    torch.manual_seed(0)
+    for trial in range(60):
+        vocab = [1, 7, 300, 50000][trial % 4]
+        logits = torch.randn(6, vocab) * (1 + trial % 5)
+        logits[logits < -1.5] = float("-inf")
+        logits[:, 0] = torch.where(torch.isinf(logits).all(-1), torch.zeros(6), logits[:, 0])
+        seeds = [trial * 10 + i for i in range(6)]
+        fast = S.draw(logits, make_generators(seeds))
+        monkeypatch.setattr(quant, "kernels", lambda: None)
+        slow = S.draw(logits, make_generators(seeds))
+        monkeypatch.undo()
+        assert torch.equal(fast, slow), trial
+        assert bool((logits.gather(1, fast[:, None]) > float("-inf")).all())

@@ -448,6 +448,7 @@ template <bool INT4, bool ASYM>
 TGT void ftiles_avx512_(const FArgs& a, int64_t t0, int64_t t1, int64_t M) {
   for (int64_t t = t0; t < t1; ++t) {
     int64_t m = 0;
+    for (; m + 8 <= M; m += 8) ftile_avx512<8, INT4, ASYM>(a, t, m);   // each row's sums alike for any MB
     for (; m + 4 <= M; m += 4) ftile_avx512<4, INT4, ASYM>(a, t, m);
     switch (M - m) {
       case 3: ftile_avx512<3, INT4, ASYM>(a, t, m); break;
@@ -809,6 +810,42 @@ torch::Tensor paged_attention(const torch::Tensor& q_in, torch::Tensor k_pool, t
   return out;
 }
 
+// Inverse-CDF sampling with one uniform number per row (prosa/sampling.py `draw`): the first token whose running
+// sum of probabilities, in double and in index order, exceeds u * (the row's sum); never a token of probability 0
+// (when rounding leaves the target unreached, the last token with a positive probability). probs (B, V) float32,
+// u (B) float64 in [0, 1) -> (B) int64. Two sequential passes per row instead of a cumsum tensor and a search.
+torch::Tensor sample_rows(const torch::Tensor& probs_in, const torch::Tensor& u_in) {
+  TORCH_CHECK(probs_in.dim() == 2 && probs_in.scalar_type() == torch::kFloat && probs_in.device().is_cpu(),
+              "probs must be (B, V) float32 on the CPU");
+  const torch::Tensor probs = probs_in.contiguous(), u = u_in.to(torch::kDouble).contiguous();
+  const int64_t B = probs.size(0), V = probs.size(1);
+  TORCH_CHECK(u.numel() == B, "one uniform number per row");
+  auto out = torch::empty({B}, torch::dtype(torch::kLong));
+  const float* pp = probs.data_ptr<float>();
+  const double* up = u.data_ptr<double>();
+  int64_t* op = out.data_ptr<int64_t>();
+  at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) {
+      const float* p = pp + b * V;
+      double total = 0.0;
+      int64_t last = 0;
+      for (int64_t i = 0; i < V; ++i) {
+        total += p[i];
+        if (p[i] > 0.f) last = i;
+      }
+      const double target = up[b] * total;
+      double run = 0.0;
+      int64_t pick = last;
+      for (int64_t i = 0; i < V; ++i) {
+        run += p[i];
+        if (run > target) { pick = std::min(i, last); break; }
+      }
+      op[b] = pick;
+    }
+  });
+  return out;
+}
+
 std::string isa() { return (use_avx512() && !g_force_scalar) ? "avx512_vnni" : "scalar"; }
 void force_scalar(bool on) { g_force_scalar = on; }
 
@@ -850,6 +887,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("linear_uint8_f32", &linear_uint8_f32, "asymmetric int8 with float32 activations",
         py::call_guard<py::gil_scoped_release>());
   m.def("paged_attention", &paged_attention, "attention of one query per sequence over its paged K/V cache",
+        py::call_guard<py::gil_scoped_release>());
+  m.def("sample_rows", &sample_rows, "inverse-CDF sampling, one uniform number per row",
         py::call_guard<py::gil_scoped_release>());
   m.def("isa", &isa, "the code path in use: avx512_vnni or scalar");
   m.def("force_scalar", &force_scalar, "use the portable path even where AVX-512 VNNI is available (tests)");
