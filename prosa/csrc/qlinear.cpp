@@ -709,6 +709,55 @@ void check_positions(const Paged& c, const torch::Tensor& pos, int64_t B, int64_
   }
 }
 
+#if PROSA_X86
+// e^x for 16 floats: x = n ln2 + r with |r| <= ln2 / 2, e^r by a degree-6 polynomial (Cephes' expf
+// coefficients), then scaled by 2^n. Within ~2 ulp of expf; every lane computes the same way, so an element's
+// value does not depend on its place in the vector (the tail goes through the same code, masked).
+TGT inline __m512 exp512(__m512 x) {
+  x = _mm512_max_ps(_mm512_min_ps(x, _mm512_set1_ps(88.3762626647949f)), _mm512_set1_ps(-88.3762626647949f));
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+  p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
+  return _mm512_scalef_ps(p, n);
+}
+
+TGT void silu_mul_avx512(const float* gu, float* act, int64_t B, int64_t inter) {
+  const __m512 one = _mm512_set1_ps(1.0f);
+  for (int64_t b = 0; b < B; ++b) {
+    const float* g = gu + b * 2 * inter;
+    const float* u = g + inter;
+    float* out = act + b * inter;
+    for (int64_t i = 0; i < inter; i += 16) {
+      const __mmask16 m = inter - i >= 16 ? static_cast<__mmask16>(0xFFFF)
+                                          : static_cast<__mmask16>((1u << (inter - i)) - 1);
+      const __m512 gv = _mm512_maskz_loadu_ps(m, g + i);
+      const __m512 sig = _mm512_div_ps(gv, _mm512_add_ps(one, exp512(_mm512_sub_ps(_mm512_setzero_ps(), gv))));
+      _mm512_mask_storeu_ps(out + i, m, _mm512_mul_ps(sig, _mm512_maskz_loadu_ps(m, u + i)));
+    }
+  }
+}
+#endif
+
+// act (B, inter) = SiLU(gate) * up, gate and up the halves of each row of gu (B, 2 inter).
+void silu_mul(const float* gu, float* act, int64_t B, int64_t inter) {
+#if PROSA_X86
+  if (use_avx512() && !g_force_scalar) { silu_mul_avx512(gu, act, B, inter); return; }
+#endif
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t i = 0; i < inter; ++i) {
+      const float gv = gu[b * 2 * inter + i];
+      act[b * inter + i] = gv / (1.0f + std::exp(-gv)) * gu[b * 2 * inter + inter + i];
+    }
+}
+
 struct LlamaBlock {
   torch::Tensor in_norm, post_norm;  // (C) float32
   Lin qkv, o, gate_up, down;
@@ -749,13 +798,7 @@ struct LlamaBlock {
     for (int64_t b = 0; b < B; ++b) rmsnorm(xp + b * C, post_norm.data_ptr<float>(), hp + b * C, C, fe);
     auto gu = gate_up(h);  // (B, 2 I)
     auto act = torch::empty({B, inter}, x.options());
-    const float* gp = gu.data_ptr<float>();
-    float* actp = act.data_ptr<float>();
-    for (int64_t b = 0; b < B; ++b)
-      for (int64_t i = 0; i < inter; ++i) {
-        const float gv = gp[b * 2 * inter + i];
-        actp[b * inter + i] = gv / (1.0f + std::exp(-gv)) * gp[b * 2 * inter + inter + i];
-      }
+    silu_mul(gu.data_ptr<float>(), act.data_ptr<float>(), B, inter);
     x.add_(down(act));
     return x;
   }
