@@ -34,10 +34,12 @@ test: setup-dev
 	$(BIN)/python -m pytest -q
 
 # Issue #4's benchmark: prosa (every weight format, 1/8/32 sequences) vs transformers and, when installed
-# (make bench-peers), CTranslate2 and llama.cpp, each configuration in a fresh process, same run -> docs/benchmarks.md
+# (make bench-peers), CTranslate2 and llama.cpp, each configuration in a fresh process, same run -> docs/benchmarks.md;
+# then the quality of the formats, and the engine under serving load (with the commit before it, for regressions)
 bench: setup-dev
 	$(BIN)/python bench/run.py
 	$(BIN)/python bench/quality.py --output docs/benchmarks.md
+	$(BIN)/python bench/serving.py --output docs/benchmarks.md
 
 # The few-minute subset CI runs; writes outside docs/ so that the committed table is not overwritten.
 bench-quick: setup-dev

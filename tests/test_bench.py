@@ -37,3 +37,22 @@ def test_quick_benchmark_writes_table(tmp_path: Path) -> None:
     assert re.search(r"GPT-2-shaped prosa int8 / transformers fp32 .*\| [\d.]+x \|", targets)
     assert re.search(r"time to first token .*prosa int4 \| [\d.]+ s \| ≤ 3 s \| (PASS|MISS)", targets)
     assert "not measured in --quick" in targets or "not installed" in targets
+
+
+@pytest.mark.slow
+def test_quick_serving_benchmark_writes_its_section(tmp_path: Path) -> None:
+    """``bench/serving.py --quick``: clients arriving over time and a static batch, through the engine; the
+    section replaces an earlier one and keeps the rest of the report."""
+    out = tmp_path / "bench.md"
+    out.write_text("# Benchmarks\n\n## Other section\n\nkept\n\n## Serving load (issue #9)\n\nold\n")
+    p = subprocess.run([sys.executable, str(ROOT / "bench" / "serving.py"), "--quick", "--arrival", "0.5",
+                        "--output", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
+    text = out.read_text()
+    assert "kept" in text and "\nold\n" not in text and text.count("## Serving load (issue #9)") == 1
+    rows = [[c.strip() for c in line.strip("|").split("|")] for line in text.splitlines()
+            if re.match(r"\| \d+ \|", line)]
+    assert [r[0] for r in rows] == ["1", "4"]
+    for r in rows:
+        assert float(r[2]) > 0 and float(r[4]) > 0 and 0 < float(r[5]) < 60, r     # static, span, TTFT p50
+    assert re.search(r"newcomer TTFT p95 / solo TTFT .*\| [\d.]+x \| <= 2x \| (PASS|MISS) \|", text)

@@ -126,6 +126,7 @@ class Engine:
         self.device = next(model.parameters()).device
         self.max_batch = max_batch or default_max_batch(self.device)
         self.prefill_chunk, self.threads = prefill_chunk, threads
+        self._default_threads = torch.get_num_threads()
         self.metrics = Metrics(self._gauges)
         if hasattr(model, "kv_shape"):
             from .. import quant
@@ -219,8 +220,9 @@ class Engine:
         return self.scheduler.busy() or bool(self._inbox)
 
     def _loop(self) -> None:
-        if self.threads:
-            torch.set_num_threads(self.threads)     # this thread's kernels only
+        # This thread's kernels: set here, explicitly, rather than inherited from whatever the process-wide
+        # default is at the moment the thread's first parallel region runs (a load elsewhere may lower it).
+        torch.set_num_threads(self.threads or self._default_threads)
         sched = self.scheduler
         with torch.inference_mode():
             while True:

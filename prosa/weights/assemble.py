@@ -138,6 +138,9 @@ def _trim_heap() -> None:
         pass
 
 
+_TRIM_BYTES = 4 << 20      # a quantized group whose float copies took this much gives the memory back at once
+
+
 def _load_weights(model: nn.Module, ck: Any, dtype: torch.dtype, device: torch.device, mode: str) -> Report:
     report = Report()
     quantize = mode in ("int8", "int4")
@@ -188,7 +191,10 @@ def _load_weights(model: nn.Module, ck: Any, dtype: torch.dtype, device: torch.d
         pending[g][name] = tensor
         remaining[g] -= 1
         if remaining[g] == 0:
-            flush(pending.pop(g))
+            floats = sum(t.numel() * t.element_size() for t in pending[g].values()) if quantize else 0
+            flush(pending.pop(g))      # no other reference: sanitize's fusions free the parts as they go
+            if floats >= _TRIM_BYTES:
+                _trim_heap()    # the layer's float copies: freed, but glibc keeps them unless asked (+40 MB/16 layers)
     for state in pending.values():
         flush(state)
 
