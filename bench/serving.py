@@ -39,13 +39,13 @@ def _percentile(values: list[float], q: float) -> float:
     return values[min(len(values) - 1, max(0, round(q * (len(values) - 1))))]
 
 
-def _rates(stamps: list[list[float]]) -> tuple[float, float]:
+def _rates(stamps: list[list[float]], min_steady: float = 0.0) -> tuple[float, float]:
     """(steady, span) decode tok/s of sequences with these token timestamps: steady counts the tokens made while
     every sequence was decoding (from the last one's first token to the first one's last token), span all tokens
     after each sequence's first from the first token of any to the last of any."""
     start, end = max(s[0] for s in stamps), min(s[-1] for s in stamps)
     inside = sum(1 for s in stamps for t in s if start < t <= end)
-    steady = inside / (end - start) if end - start >= MIN_STEADY_S else float("nan")
+    steady = inside / (end - start) if end > start and end - start >= min_steady else float("nan")
     span = sum(len(s) - 1 for s in stamps) / (max(s[-1] for s in stamps) - min(s[0] for s in stamps))
     return steady, span
 
@@ -71,7 +71,7 @@ def clients(lm, n: int, tokens: int, arrival: float) -> dict:
         t.start()
     for t in threads:
         t.join()
-    steady, span = _rates(stamps)
+    steady, span = _rates(stamps, MIN_STEADY_S if n > 1 else 0.0)
     return {"steady": steady, "span": span, "ttft": ttft}
 
 
