@@ -20,6 +20,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from report import emit_section  # noqa: E402  (bench/, the script's own folder)
+
 PROMPTS = ["A story about a man and a dog", "The capital of France is", "def fibonacci(n):",
            "The three most important things in life are", "Water boils at"]
 FORMATS = ["none", "bf16", "int8", "int4"]
@@ -81,9 +83,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="write the section into this markdown file (replacing an earlier one) instead of printing it")
     args = p.parse_args(argv)
     section = f"## {SECTION}\n\n{__doc__.strip().splitlines()[0]}\n\n{markdown(measure(args.quick, args.model))}\n"
-    if args.output is None:
-        print(section)
-        return 0
+    emit_section(args.output, SECTION, section)
+    return 0
     out = Path(args.output)
     text = out.read_text(encoding="utf-8") if out.exists() else ""
     parts = text.split("\n## ")

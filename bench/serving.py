@@ -27,6 +27,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from report import emit_section  # noqa: E402  (bench/, the script's own folder)
 SECTION = "Serving load (issue #9)"
 BASELINE = "3924d56"               # the last commit before the engine
 PROMPT = "A story about a man and a dog"
@@ -146,9 +148,22 @@ def regression(rev: str, tokens: int, repeat: int) -> dict:
 
 
 # ------------------------------------------------------------------------------------------------ report
+def machine() -> str:
+    """CPU model, cores, date and load average (the report's other sections may come from another machine)."""
+    cpu = "unknown CPU"
+    try:
+        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    return (f"Measured {time.strftime('%Y-%m-%d %H:%M')} on {cpu}, {os.cpu_count()} cores, load average "
+            f"{load:.2f} at the end (this script's own work included).")
+
+
 def markdown(serve: dict, reg: dict | None, args) -> str:
     rows = serve["rows"]
-    lines = [f"Model: {serve['model']} ({serve['weights']}); {args.tokens} new tokens per client, sampled, eos "
+    lines = [machine(), "",
+             f"Model: {Path(serve['model']).name} ({serve['weights']}); {args.tokens} new tokens per client, sampled, eos "
              f"ignored; clients arrive evenly over {args.arrival:g} s, each in its own thread.", "",
              "| clients | staggered tok/s (steady) | static batch tok/s | staggered / static | staggered tok/s "
              "(span) | TTFT p50 (s) | TTFT p95 (s) |", "|---:|---:|---:|---:|---:|---:|---:|"]
@@ -201,9 +216,8 @@ def main(argv: list[str] | None = None) -> int:
     serve = serving(args.model, sizes, args.tokens, args.arrival)
     reg = regression(args.baseline, args.tokens, args.repeat) if args.baseline else None
     section = f"## {SECTION}\n\n{__doc__.strip().splitlines()[0]}\n\n{markdown(serve, reg, args)}\n"
-    if args.output is None:
-        print(section)
-        return 0
+    emit_section(args.output, SECTION, section)
+    return 0
     out = Path(args.output)
     text = out.read_text(encoding="utf-8") if out.exists() else ""
     parts = text.split("\n## ")

@@ -264,6 +264,8 @@ class LanguageModel:
         iterator starts; closing it early cancels them.
         """
         requests = self.make_requests(prompts, **kwargs)
+        for r in requests:
+            self.engine.check(r)
         return requests, self.run(requests)
 
     def run(self, requests: Sequence[Request]) -> Iterator[Event]:

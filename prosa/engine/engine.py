@@ -155,13 +155,8 @@ class Engine:
         _engines.add(self)
 
     # -- any thread ------------------------------------------------------------------------------------------------
-    def submit(self, request: Request, *, tag: int = 0, events: "queue.SimpleQueue[Event] | None" = None) -> Handle:
-        """Queue ``request``; returns its ``Handle`` (events on ``events``, or a new queue).
-
-        Raises:
-            ValueError: the request can never fit the KV budget.
-            RuntimeError: the engine was closed.
-        """
+    def check(self, request: Request) -> None:
+        """Raise ValueError if ``request`` can never run here (its worst case exceeds the whole KV budget)."""
         if self.pool is not None:
             need = self.scheduler.blocks_for(request) * request.n
             if need > self.pool.num_blocks:
@@ -169,6 +164,15 @@ class Engine:
                 raise ValueError(f"the request needs up to {need * bs} tokens of KV cache (n={request.n} x prompt + "
                                  f"max_new_tokens) but the engine's budget is {self.pool.num_blocks * bs}; lower "
                                  "max_new_tokens or n, or give the engine a larger kv_cache_tokens")
+
+    def submit(self, request: Request, *, tag: int = 0, events: "queue.SimpleQueue[Event] | None" = None) -> Handle:
+        """Queue ``request``; returns its ``Handle`` (events on ``events``, or a new queue).
+
+        Raises:
+            ValueError: the request can never fit the KV budget (``check``).
+            RuntimeError: the engine was closed.
+        """
+        self.check(request)
         handle = Handle(self, request, tag, events if events is not None else queue.SimpleQueue())
         with self._lock:
             if self._closed:

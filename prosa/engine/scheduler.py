@@ -91,7 +91,7 @@ class Scheduler:
                      else min(req.max_new_tokens, self.window - len(req.prompt)))
             if limit <= 0:
                 for j in range(req.n):
-                    self._finish(h, Event(0, h.tag, j, -1, "", finish_reason="length"))
+                    self._finish(h, Event(j, h.tag, j, -1, "", finish_reason="length"))
                 continue
             leader = self._sequence(h, 0, list(req.prompt), limit)
             self.runner.start(leader)
