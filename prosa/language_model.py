@@ -1,6 +1,7 @@
 """``LanguageModel``: a loaded model with its tokenizer, config and generation defaults, and the generation API."""
 from __future__ import annotations
 
+import numbers
 import queue
 import random
 import threading
@@ -157,18 +158,19 @@ class LanguageModel:
         if isinstance(prompt, str):
             ids = self.tokenizer.encode(prompt)
         else:
-            ids = list(prompt)
+            ids = prompt.reshape(-1).tolist() if isinstance(prompt, torch.Tensor) else list(prompt)
             vocab = self.vocab_size
             for t in ids:
-                if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab:
+                if isinstance(t, bool) or not isinstance(t, numbers.Integral) or not 0 <= t < vocab:
                     raise ValueError(f"prompt: token ids must be integers in [0, {vocab}), got {t!r}")
+            ids = [int(t) for t in ids]
         if not ids:
             raise ValueError("prompt is empty: give some text (or token ids) to continue")
         return ids
 
     @property
     def vocab_size(self) -> int:
-        """Token ids the model takes (the embedding's rows; at least the tokenizer's vocabulary)."""
+        """Token ids the model takes: its config's ``vocab_size`` (else the tokenizer's)."""
         return int(self.config.get("vocab_size") or self.tokenizer.vocab_size)
 
     def sampling_defaults(self) -> dict[str, Any]:
