@@ -50,7 +50,7 @@ from .errors import ProsaError
 from .sampling import SamplingParams
 
 __all__ = ["Chat", "reply", "stream_reply", "ChatNotice", "SETTABLE", "check_settings", "parse_setting",
-           "SpeakerLines"]
+           "SpeakerLines", "conversation_prompt"]
 
 #: Sampling controls (``prosa.sampling.SamplingParams`` fields).
 SAMPLING_FIELDS = tuple(f.name for f in fields(SamplingParams))
@@ -343,6 +343,24 @@ def _render_ids(lm, messages: Sequence[Mapping[str, str]], opts: _Options) -> li
     text = chat_template.apply_chat_template(lm.tokenizer, messages, add_generation_prompt=True,
                                              template=opts.template, tokenize=False)
     return lm.tokenizer.encode(text, add_special_tokens=False)
+
+
+def conversation_prompt(lm, messages: Sequence[Mapping[str, str]], *, transcript: bool | None = None,
+                        template: str | None = None, user_name: str = "You",
+                        bot_name: str = "He") -> tuple[list[int], list[str]]:
+    """The prompt that asks for the assistant's next message, whole (nothing dropped), and the stop strings that
+    end that message: the template's end-of-turn marker when it is plain text, the speaker lines in transcript
+    mode (a base model without a template). What ``prosa serve`` sends for a chat completion.
+
+    Raises:
+        ValueError: malformed messages; ChatTemplateError: the template refused them.
+    """
+    opts = _options(lm, transcript, template, user_name, bot_name)
+    ids = _render_ids(lm, _check_messages(messages), opts)
+    if opts.transcript:
+        return ids, [f"\n{opts.user_name}:", f"\n{opts.bot_name}:"]
+    marker = _end_of_turn(lm, opts.template)
+    return ids, [marker] if marker else []
 
 
 _END_MARKERS: dict[str, str | None] = {}

@@ -6,7 +6,7 @@ import argparse
 import importlib
 import sys
 
-VERBS = ["generate", "info", "chat", "perplexity"]
+VERBS = ["generate", "info", "chat", "perplexity", "serve"]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -44,6 +44,7 @@ class Picker:
                                        generated=[self.rows[i].generated for i in idx])
             self.groups.append((idx, procs, history))
         self._whole = len(self.groups) == 1
+        self.constrained = [i for i, s in enumerate(self.rows) if s.matcher is not None]
         self.sampler = make_sampler([s.request.params for s in self.rows])
         self.generators = [s.generator for s in self.rows]
         wanted = [s.request.logprobs for s in self.rows if s.request.logprobs is not None]
@@ -58,6 +59,9 @@ class Picker:
             tokens (one per row), dead rows {row: why} (every token banned: their token is meaningless), and when
             some row asked for log-probabilities, per row (chosen logprob, [(id, logprob) ...]) or None.
         """
+        raw = logits
+        if self.constrained:       # structured output: tokens outside the grammar first, then the usual controls
+            logits = self._constrain(logits)
         if self._whole:
             idx, procs, history = self.groups[0]
             processed = apply(procs, logits, history)
@@ -76,7 +80,20 @@ class Picker:
         for idx, procs, history in self.groups:
             if history is not None:
                 history.append(tokens if self._whole else tokens[torch.tensor(idx, device=tokens.device)])
-        return tokens.tolist(), dead, self._logprobs(logits, tokens)
+        picked = tokens.tolist()
+        for i in self.constrained:
+            if i not in dead:
+                self.rows[i].matcher.consume(picked[i])
+        return picked, dead, self._logprobs(raw, tokens)
+
+    def _constrain(self, logits: torch.Tensor) -> torch.Tensor:
+        """Logits with every token a row's matcher forbids at -inf (a new tensor)."""
+        vocab = logits.shape[-1]
+        rows = torch.tensor(self.constrained, device=logits.device)
+        allowed = torch.stack([self.rows[i].matcher.allowed(vocab) for i in self.constrained]).to(logits.device)
+        out = logits.clone()
+        out[rows] = logits[rows].masked_fill(~allowed, float("-inf"))
+        return out
 
     def _logprobs(self, logits: torch.Tensor, tokens: torch.Tensor) -> list | None:
         """Per row: (logprob of the chosen token, the ``logprobs`` most likely (id, logprob)) under the model's own

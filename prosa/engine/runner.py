@@ -40,13 +40,13 @@ class PagedRunner:
 
         self.step = decode_step(self.model)
 
-    def start(self, seq: Sequence) -> None:
+    def start(self, seq: Sequence, reuse: bool = True) -> None:
         """Set up ``seq`` to run ``seq.tokens[seq.offset:]`` from an empty cache: take every full block of it
-        the prefix cache holds (keeping at least one token to run, which gives the next-token logits) and leave
-        the rest in ``seq.pending``."""
+        the prefix cache holds (unless ``reuse`` is False; at least one token is kept to run, which gives the
+        next-token logits) and leave the rest in ``seq.pending``."""
         bs, tokens = self.pool.block_size, seq.tokens[seq.offset:]
         parent = ROOT
-        for i in range((len(tokens) - 1) // bs):
+        for i in range((len(tokens) - 1) // bs if reuse else 0):
             hit = self.pool.lookup(parent, tokens[i * bs:(i + 1) * bs])
             if hit is None:
                 break
@@ -56,16 +56,17 @@ class PagedRunner:
         seq.cached = len(seq.blocks) * bs
         seq.pending = tokens[seq.cached:]
 
-    def prefill(self, seq: Sequence, count: int) -> torch.Tensor:
-        """Run the next ``count`` pending tokens of ``seq``; return the logits after the last one (V,) float32."""
+    def prefill(self, seq: Sequence, count: int, every: bool = False) -> torch.Tensor:
+        """Run the next ``count`` pending tokens of ``seq``; return the logits after the last one (V,) float32, or
+        with ``every`` after each of them (count, V)."""
         chunk, seq.pending = seq.pending[:count], seq.pending[count:]
         self._room(seq, seq.cached + len(chunk))
         batch = PagedBatch(self.pool, [seq.blocks], [seq.cached], self.kernels)
         ids = torch.tensor([chunk], dtype=torch.long, device=self.device)
-        logits = self.model(ids, batch)[0, -1].float()
+        logits = self.model(ids, batch)[0]
         seq.cached += len(chunk)
         self._register(seq)
-        return logits
+        return logits.float() if every else logits[-1].float()
 
     def decode(self, seqs: Seq[Sequence], tokens: torch.Tensor) -> torch.Tensor:
         """Run each sequence's newest token (``tokens`` (B,)); return the next logits (B, V) float32."""
@@ -124,16 +125,16 @@ class SoloRunner:
     def refresh(self) -> None:
         pass
 
-    def start(self, seq: Sequence) -> None:
+    def start(self, seq: Sequence, reuse: bool = True) -> None:
         seq.cache, seq.cached, seq.pending = None, 0, seq.tokens[seq.offset:]
 
-    def prefill(self, seq: Sequence, count: int) -> torch.Tensor:
+    def prefill(self, seq: Sequence, count: int, every: bool = False) -> torch.Tensor:
         chunk, seq.pending = seq.pending[:count], seq.pending[count:]
         if seq.cache is None:
             seq.cache = self.model.make_cache(1)
-        logits = self.model(torch.tensor([chunk], dtype=torch.long, device=self.device), seq.cache)[0, -1].float()
+        logits = self.model(torch.tensor([chunk], dtype=torch.long, device=self.device), seq.cache)[0]
         seq.cached += len(chunk)
-        return logits
+        return logits.float() if every else logits[-1].float()
 
     def decode(self, seqs: Seq[Sequence], tokens: torch.Tensor) -> torch.Tensor:
         rows = []

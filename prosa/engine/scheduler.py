@@ -89,12 +89,12 @@ class Scheduler:
             self.live += req.n
             limit = (req.max_new_tokens if req.context_overflow == "slide"
                      else min(req.max_new_tokens, self.window - len(req.prompt)))
-            if limit <= 0:
+            if limit <= 0 and req.prompt_logprobs is None:
                 for j in range(req.n):
                     self._finish(h, Event(j, h.tag, j, -1, "", finish_reason="length"))
                 continue
             leader = self._sequence(h, 0, list(req.prompt), limit)
-            self.runner.start(leader)
+            self.runner.start(leader, reuse=req.prompt_logprobs is None)
             self.metrics.add(prompt_tokens=len(req.prompt), prompt_tokens_cached=leader.cached)
             self.prefilling.append(leader)
             admitted = True
@@ -116,26 +116,51 @@ class Scheduler:
             count = min(self.prefill_chunk, len(seq.pending))
             if count > budget:
                 break
+            every = seq.prompt_logprobs is not None and seq.generated == 0
             try:
-                logits = self.runner.prefill(seq, count)
+                logits = self.runner.prefill(seq, count, every)
             except Exception as e:
                 log.exception("prosa engine: prompt failed")
                 self.end(seq.handle, "error", f"the prompt could not be run: {e}")
                 continue
+            if every:
+                logits = self._score_prompt(seq, logits)
             budget -= count
             self.metrics.add(prompt_tokens_computed=count)
             if seq.pending:
                 continue
             self.prefilling.popleft()
+            h = seq.handle
+            if seq.limit <= 0:                                   # prompt log-probabilities only (max_tokens 0)
+                for j in range(h.request.n):
+                    self._finish(h, Event(j, h.tag, j, -1, "", finish_reason="length",
+                                          prompt_logprobs=seq.prompt_logprobs), seq if j == 0 else None)
+                continue
             seq.logits = logits
             self.running.append(seq)
-            h = seq.handle
             if seq.generated == 0 and seq.sample == 0:           # a new prompt: its other samples fork from it
                 for j in range(1, h.request.n):
                     follower = self._sequence(h, j, list(seq.tokens), seq.limit)
                     self.runner.fork(seq, follower)
                     follower.logits = logits
+                    follower.prompt_logprobs = seq.prompt_logprobs
                     self.running.append(follower)
+
+    def _score_prompt(self, seq: Sequence, logits: torch.Tensor) -> torch.Tensor:
+        """Record the log-probability of each prompt token the chunk's logits (T, V) predict; return the last
+        row (the next-token logits)."""
+        k = seq.request.prompt_logprobs
+        lp = torch.log_softmax(logits, dim=-1)
+        start = seq.cached - logits.shape[0]                 # position of the chunk's first token
+        rows = min(logits.shape[0], len(seq.tokens) - start - 1)   # row i predicts prompt token start + i + 1
+        if rows > 0:
+            nxt = torch.tensor(seq.tokens[start + 1:start + 1 + rows])
+            chosen = lp[torch.arange(rows), nxt].tolist()
+            tops = lp[:rows].topk(k, dim=-1) if k else None
+            for i in range(rows):
+                alts = list(zip(tops.indices[i].tolist(), tops.values[i].tolist())) if k else []
+                seq.prompt_logprobs.append((chosen[i], alts))
+        return logits[-1]
 
     def _decode(self) -> None:
         rows = self.running
@@ -221,7 +246,8 @@ class Scheduler:
             text += tail if stop is not None else tail + s.stop.flush()
             if stop is not None:
                 stop_reason = stop
-        ev = Event(s.sample, h.tag, s.sample, tok, text, finish_reason=reason, stop_reason=stop_reason)
+        ev = Event(s.sample, h.tag, s.sample, tok, text, finish_reason=reason, stop_reason=stop_reason,
+                   prompt_logprobs=s.prompt_logprobs if s.generated == 1 else None)
         if logprob is not None:
             ev.logprob, ev.top_logprobs = logprob
         return ev

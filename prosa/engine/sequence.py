@@ -7,7 +7,7 @@ token history, sampler generator, stop matcher, detokenizer, length limit and KV
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Sequence as Seq
+from typing import TYPE_CHECKING, Any, Callable, Sequence as Seq
 
 import torch
 
@@ -36,6 +36,12 @@ class Request:
             "slide": its oldest tokens are dropped (the window restarts from its most recent half) and it goes on.
         eos_ids: the ids that end a sample; None means the tokenizer's.
         skip_special_tokens: leave special tokens out of the text (as ``tokenizer.decode`` does by default).
+        constraint: makes one matcher per sample that restricts its tokens (structured output, see
+            ``prosa.structured``): ``matcher.allowed(vocab) -> (vocab,) bool`` before each token,
+            ``matcher.consume(token)`` after.
+        prompt_logprobs: k >= 0: also the log-probability of every prompt token after the first (and the k most
+            likely alternatives at each place), on each sample's first event; the prompt then runs whole (no
+            prefix-cache reuse).
     """
 
     prompt: list[int]
@@ -49,6 +55,8 @@ class Request:
     context_overflow: str = "error"
     eos_ids: frozenset[int] | None = None
     skip_special_tokens: bool = True
+    constraint: Callable[[], Any] | None = None
+    prompt_logprobs: int | None = None
 
 
 @dataclass
@@ -67,6 +75,8 @@ class Event:
             the context window), "error" (see ``error``) or "cancelled"; else None.
         stop_reason: the stop string or eos id that ended it.
         error: what went wrong, with finish_reason "error".
+        prompt_logprobs: on a sample's first event when the request asked: (logprob, top alternatives) of each
+            prompt token after the first.
     """
 
     seq: int
@@ -79,6 +89,7 @@ class Event:
     finish_reason: str | None = None
     stop_reason: str | int | None = None
     error: str | None = None
+    prompt_logprobs: list[tuple[float, list[tuple[int, float]]]] | None = None
 
 
 class StopMatcher:
@@ -126,6 +137,7 @@ class Sequence:
         reserve: blocks set aside for it at admission (it never holds more).
         logits: (V,) next-token logits once its prompt is done, until it samples.
         cache: its own cache, for models the paged cache does not serve (``SoloRunner``).
+        matcher: its structured-output state (``Request.constraint``), or None.
     """
 
     def __init__(self, handle: "Handle", sample: int, tokens: list[int], limit: int, detok: Any,
@@ -145,6 +157,8 @@ class Sequence:
         self.reserve = 0
         self.logits: torch.Tensor | None = None
         self.cache: Any = None
+        self.matcher = handle.request.constraint() if handle.request.constraint is not None else None
+        self.prompt_logprobs: list | None = [] if handle.request.prompt_logprobs is not None else None
         self.last_token_time: float | None = None
         self.done = False
 
