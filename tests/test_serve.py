@@ -277,6 +277,11 @@ def test_structured_output(server, client):
     assert bad.status_code == 400 and bad.json()["error"]["param"] == "response_format"
 
 
+def test_completion_without_a_prompt_starts_a_document(server):
+    r = httpx.post(server + "/v1/completions", json={"model": MODEL, "max_tokens": 3, "seed": 1})
+    assert r.status_code == 200 and r.json()["usage"]["prompt_tokens"] == 1
+
+
 def test_tokenize_and_detokenize(server):
     t = httpx.post(server + "/tokenize", json={"prompt": "Olá, mundo"}).json()
     assert t["count"] == len(t["tokens"]) > 0 and t["max_model_len"] == WINDOW
@@ -319,7 +324,6 @@ BAD = [
     ("/v1/completions", {"prompt": "x", "suffix": "y"}, None),
     ("/v1/completions", {"prompt": "x", "best_of": 3}, None),
     ("/v1/completions", {"prompt": "x", "max_tokens": -1}, "max_tokens"),
-    ("/v1/completions", {}, "prompt"),
     ("/tokenize", {}, None),
     ("/detokenize", {"tokens": ["a"]}, "tokens"),
 ]
@@ -328,10 +332,7 @@ BAD = [
 @pytest.mark.parametrize("path, change, param", BAD)
 def test_bad_requests_get_a_400_naming_the_parameter(server, path, change, param):
     base = chat_body() if "chat" in path else {"model": MODEL, "prompt": "Hello"} if "completions" in path else {}
-    body = {**base, **change}
-    if path == "/v1/completions" and change == {}:
-        body = {"model": MODEL}
-    r = httpx.post(server + path, json=body)
+    r = httpx.post(server + path, json={**base, **change})
     assert r.status_code == 400, r.text
     err = r.json()["error"]
     assert set(err) == {"message", "type", "param", "code"} and err["message"]

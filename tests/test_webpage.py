@@ -33,7 +33,7 @@ REPO = Path(__file__).resolve().parent.parent
 # passes the chat completion streams on in small pieces a few milliseconds apart, so that the page really reads
 # them bit by bit (events split across reads too) and Stop lands half-way.
 PIECE_BYTES = 96
-PIECE_GAP_S = 0.008
+PIECE_GAP_S = 0.01
 FIRST_MAX_TOKENS = 8          # the tiny model's window is 128 tokens: both exchanges must fit in it
 STOP_MAX_TOKENS = 64
 
@@ -167,7 +167,7 @@ def server(tiny_checkpoint, tmp_path):
             proc.wait()
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def browser():
     if not (os.path.isfile(CHROMIUM) and os.access(CHROMIUM, os.X_OK)):
         pytest.skip(f"{CHROMIUM} is missing (apt-get install -y chromium)")
@@ -201,8 +201,8 @@ def _chat(api: str, base: str, browser) -> None:
     page.on("pageerror", lambda e: problems.append(f"page error: {e}"))
     page.on("request", lambda r: r.url.startswith(base + "/") or r.url.startswith("data:")
             or problems.append(f"request outside the server: {r.url}"))
-    chat_bodies: list[dict] = []
-    page.on("request", lambda r: r.url == base + "/v1/chat/completions" and chat_bodies.append(r.post_data_json))
+    chats: list = []                                    # the page's chat completion requests
+    page.on("request", lambda r: r.url == base + "/v1/chat/completions" and chats.append(r))
 
     page.goto(base + "/")
     page.wait_for_function("document.querySelector('#model').options.length > 0")
@@ -214,6 +214,7 @@ def _chat(api: str, base: str, browser) -> None:
     page.fill("#max-tokens", str(FIRST_MAX_TOKENS))
     page.fill("#seed", "1")
     page.fill("#temperature", "0.8")
+    page.fill("#api-key", "test-key")                   # this server wants none: it ignores the header
 
     # -- a streamed reply ---------------------------------------------------------------------------------------
     page.fill("#prompt", "Hello there")
@@ -233,7 +234,8 @@ def _chat(api: str, base: str, browser) -> None:
     assert "stopped" not in (first.get_attribute("class") or "")
     assert not page.is_visible("#stop")
 
-    body = chat_bodies[0]
+    assert chats[0].headers.get("authorization") == "Bearer test-key"
+    body = chats[0].post_data_json
     assert body["model"] == model_id and body["stream"] is True
     assert body["messages"] == [{"role": "user", "content": "Hello there"}]
     assert body["max_completion_tokens"] == FIRST_MAX_TOKENS and body["seed"] == 1 and body["temperature"] == 0.8
@@ -250,8 +252,9 @@ def _chat(api: str, base: str, browser) -> None:
     assert stopped.locator(".error").count() == 0, stopped.locator(".error").inner_text()
     assert stopped.locator(".content").inner_text().strip(), "the stopped reply kept no text"
     assert not page.is_visible("#stop")
-    assert chat_bodies[1]["max_completion_tokens"] == STOP_MAX_TOKENS
-    assert [m["role"] for m in chat_bodies[1]["messages"]] == ["user", "assistant", "user"]
+    body = chats[1].post_data_json
+    assert body["max_completion_tokens"] == STOP_MAX_TOKENS
+    assert [m["role"] for m in body["messages"]] == ["user", "assistant", "user"]
     deadline = time.monotonic() + 2
     while (running := _running(api)) != 0 and time.monotonic() < deadline:
         time.sleep(0.05)
@@ -279,3 +282,40 @@ def _chat(api: str, base: str, browser) -> None:
 
     assert not problems, "\n".join(problems)
     context.close()
+
+
+MARKDOWN = [   # (model text, the HTML the page shows for it)
+    ("<script>alert(1)</script> <img src=x onerror=alert(2)>",
+     "<p>&lt;script&gt;alert(1)&lt;/script&gt; &lt;img src=x onerror=alert(2)&gt;</p>"),
+    ("**bold**, *italic* and `x<y`", "<p><strong>bold</strong>, <em>italic</em> and <code>x&lt;y</code></p>"),
+    ("```py\nif a < b:\n    print('<i>')\n```\nafter",
+     '<pre data-lang="py"><code>if a &lt; b:\n    print(&#39;&lt;i&gt;&#39;)</code></pre><p>after</p>'),
+    ("```\nnot closed *yet*", "<pre><code>not closed *yet*</code></pre>"),
+    ("- one\n- **two**\n\n1. x\n2. y", "<ul><li>one</li><li><strong>two</strong></li></ul><ol><li>x</li><li>y</li></ol>"),
+    ("a\nb\n\nc", "<p>a<br>b</p><p>c</p>"),
+    ("2 * 3 * 4 and snake_case_name", "<p>2 * 3 * 4 and snake_case_name</p>"),
+    ('[x](javascript:alert(1)) "q"', "<p>[x](javascript:alert(1)) &quot;q&quot;</p>"),
+]
+
+
+@pytest.mark.slow
+def test_chat_page_markdown(browser):
+    """Model text is escaped, then a small markdown subset is rendered: never any tag or attribute of its own."""
+    page = browser.new_page()
+    page.goto((REPO / "prosa" / "serve" / "static" / "index.html").as_uri())   # no server needed for this
+    for text, html in MARKDOWN:
+        assert page.evaluate("t => window.prosaChat.renderMarkdown(t)", text) == html, text
+    tags = page.evaluate("""texts => {
+        const div = document.createElement('div');
+        const seen = new Set();
+        for (const t of texts) {
+            div.innerHTML = window.prosaChat.renderMarkdown(t);
+            for (const el of div.querySelectorAll('*')) {
+                seen.add(el.tagName.toLowerCase());
+                for (const a of el.attributes) seen.add('@' + a.name);
+            }
+        }
+        return [...seen].sort();
+    }""", [t for t, _ in MARKDOWN])
+    assert set(tags) <= {"p", "br", "strong", "em", "code", "pre", "ul", "ol", "li", "@data-lang"}, tags
+    page.close()

@@ -317,8 +317,12 @@ def _handlers(app: FastAPI) -> None:
             return _json_error(400, f"the body is not valid JSON: {err.get('msg', '')}", code="invalid_json")
         if kind == "model_attributes_type" or (not loc and kind in ("dict_type", "missing")):
             return _json_error(400, "the body must be a JSON object (Content-Type: application/json)")
+        tags = [x for x in loc if _is_type_tag(x)]
+        loc = [x for x in loc if not _is_type_tag(x)]       # "prompt.str" -> "prompt" (a union's branch)
         param = ".".join(loc) or None
         msg = err.get("msg", "invalid value").removeprefix("Value error, ")
+        if tags and loc and loc[0] in _UNION_HELP:
+            msg = _UNION_HELP[loc[0]]
         return _json_error(400, f"{param}: {msg}" if param else msg, param=loc[0] if loc else None,
                            code="invalid_value")
 
@@ -335,6 +339,17 @@ def _handlers(app: FastAPI) -> None:
     async def unexpected(request: Request, e: Exception):     # a bug in prosa: say so, keep the shape
         log.exception("prosa serve: request failed")
         return _json_error(500, f"internal error: {e}", kind="server_error")
+
+
+_UNION_HELP = {"prompt": "must be a string, a list of strings, a list of token ids or a list of token-id lists",
+               "stop": "must be a string or a list of up to 4 strings",
+               "messages": "each message needs a role (system, developer, user or assistant) and a content that is "
+                           "a string or a list of text parts"}
+
+
+def _is_type_tag(x: str) -> bool:
+    """pydantic names the branch of a union it tried in an error's location (``str``, ``list[int]``, ...)."""
+    return "[" in x or x in ("str", "int", "float", "bool", "list", "dict", "none", "literal")
 
 
 class _Guard:

@@ -83,6 +83,10 @@ def completion_plan(lm, body: CompletionRequest) -> Plan:
     """The engine requests of a ``/v1/completions`` body: one per prompt (strings, a list of strings, token ids,
     or a list of token-id lists), each with ``n`` samples."""
     p = body.prompt
+    if p is None:               # a new document: the model's start (or end-of-text) token
+        tok = lm.tokenizer
+        start = tok.bos_token_id if tok.bos_token_id is not None else min(tok.eos_token_ids, default=0)
+        p = [start]
     if isinstance(p, str):
         raw: list[Any] = [p]
     elif p and all(isinstance(x, int) for x in p):

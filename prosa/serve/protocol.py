@@ -101,7 +101,7 @@ PromptT = Union[str, list[str], list[StrictInt], list[list[StrictInt]]]
 
 class CompletionRequest(Common):
     model_config = ConfigDict(extra="ignore")
-    prompt: PromptT
+    prompt: PromptT | None = None               # None: start a new document (OpenAI: "<|endoftext|>")
     max_tokens: StrictInt | None = Field(16, ge=0)
     logprobs: StrictInt | None = Field(None, ge=0, le=MAX_COMPLETION_LOGPROBS)
     echo: StrictBool = False
