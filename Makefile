@@ -22,6 +22,10 @@ $(VENV)/.setup: $(BIN)/python pyproject.toml setup.py prosa/csrc/qlinear.cpp
 
 $(VENV)/.setup-dev: $(VENV)/.setup
 	$(BIN)/pip install -q --no-build-isolation -e ".[dev]"
+	# the web page's test drives Debian's Chromium (Playwright's own browser download cannot work offline)
+	command -v chromium >/dev/null 2>&1 || (apt-get install -y -q chromium >/dev/null 2>&1 || \
+		(apt-get update -q >/dev/null && apt-get install -y -q chromium >/dev/null)) || \
+		echo "prosa: could not install chromium (apt-get as root); tests/test_webpage.py will be skipped"
 	touch $@
 
 setup: $(VENV)/.setup
