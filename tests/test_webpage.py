@@ -1,8 +1,8 @@
 """The web chat page of ``prosa serve`` (prosa/serve/static/index.html) in a real browser.
 
 A real ``prosa serve`` runs the tiny random Llama (no chat template: transcript mode, random text) and Debian's
-Chromium, driven by Playwright, chats with it: a streamed reply, a reply stopped half-way (the server must not
-keep generating), a reload that keeps the conversation and the settings, and "New chat".
+Chromium, driven by Playwright, chats with it: a streamed reply, a reply stopped half-way (and the server's
+``prosa_requests_running`` back to 0), a reload that keeps the conversation and the settings, and "New chat".
 
 Needs ``/usr/bin/chromium`` (``apt-get install chromium``) and the ``playwright`` Python package (never its own
 browsers: ``playwright install`` is not needed and must not run); skipped without them.
@@ -59,7 +59,7 @@ def _running(base: str) -> float:
     """``prosa_requests_running`` from the server's Prometheus text."""
     status, text = _get(base + "/metrics")
     assert status == 200, f"/metrics answered {status}: {text[:300]}"
-    m = re.search(r"^prosa_requests_running(?:\{[^}]*\})?\s+(\S+)\s*$", text, re.M)
+    m = re.search(r"^prosa_requests_running(?:\{[^}]*\})?\s+(\S+)\s*$", text, re.MULTILINE)
     assert m, f"/metrics has no prosa_requests_running gauge:\n{text[:1000]}"
     return float(m.group(1))
 
@@ -240,7 +240,7 @@ def _chat(api: str, base: str, browser) -> None:
     assert body["messages"] == [{"role": "user", "content": "Hello there"}]
     assert body["max_completion_tokens"] == FIRST_MAX_TOKENS and body["seed"] == 1 and body["temperature"] == 0.8
 
-    # -- Stop half-way: Enter sends, Stop aborts, the server stops generating -------------------------------------
+    # -- Stop half-way: Enter sends, Stop aborts the request, nothing keeps running on the server ------------------
     page.fill("#max-tokens", str(STOP_MAX_TOKENS))
     page.fill("#prompt", "Tell me more")
     page.press("#prompt", "Enter")
@@ -291,7 +291,8 @@ MARKDOWN = [   # (model text, the HTML the page shows for it)
     ("```py\nif a < b:\n    print('<i>')\n```\nafter",
      '<pre data-lang="py"><code>if a &lt; b:\n    print(&#39;&lt;i&gt;&#39;)</code></pre><p>after</p>'),
     ("```\nnot closed *yet*", "<pre><code>not closed *yet*</code></pre>"),
-    ("- one\n- **two**\n\n1. x\n2. y", "<ul><li>one</li><li><strong>two</strong></li></ul><ol><li>x</li><li>y</li></ol>"),
+    ("- one\n- **two**\n\n1. x\n2. y",
+     "<ul><li>one</li><li><strong>two</strong></li></ul><ol><li>x</li><li>y</li></ol>"),
     ("a\nb\n\nc", "<p>a<br>b</p><p>c</p>"),
     ("2 * 3 * 4 and snake_case_name", "<p>2 * 3 * 4 and snake_case_name</p>"),
     ('[x](javascript:alert(1)) "q"', "<p>[x](javascript:alert(1)) &quot;q&quot;</p>"),
