@@ -35,15 +35,19 @@ class BlockPool:
         block_size: tokens per block.
         num_blocks: the budget; the tensors grow up to this many blocks.
         prefix_cache: remember full blocks by content (see the module docstring).
+        cache_blocks: at most this many unreferenced blocks are kept for the prefix cache (the least recently used
+            beyond it are freed), so that memory settles at what running sequences need plus this; None: no limit
+            but the pool.
     """
 
     def __init__(self, num_layers: int, kv_heads: int, head_dim: int, dtype: torch.dtype, device: torch.device,
-                 block_size: int, num_blocks: int, prefix_cache: bool = True):
+                 block_size: int, num_blocks: int, prefix_cache: bool = True, cache_blocks: int | None = None):
         if num_blocks < 1 or block_size < 1:
             raise ValueError("the KV pool needs at least one block of at least one token")
         self.num_layers, self.kv_heads, self.head_dim = num_layers, kv_heads, head_dim
         self.dtype, self.device = dtype, torch.device(device)
         self.block_size, self.num_blocks, self.prefix_cache = block_size, num_blocks, prefix_cache
+        self.cache_blocks = num_blocks if cache_blocks is None else cache_blocks
         self.keys: list[torch.Tensor] = []       # per layer (capacity * block_size, H_kv, D)
         self.values: list[torch.Tensor] = []
         self.capacity = 0                        # blocks the tensors hold now
@@ -102,6 +106,10 @@ class BlockPool:
                     self._lru[block] = None
                 else:
                     heapq.heappush(self._free, block)
+        while len(self._lru) > self.cache_blocks:      # over the prefix cache's budget: forget the oldest
+            old, _ = self._lru.popitem(last=False)
+            del self._table[self._key.pop(old)]
+            heapq.heappush(self._free, old)
 
     def copy(self, src: int, dst: int) -> None:
         """Copy block ``src``'s keys and values into ``dst`` (every layer)."""

@@ -39,6 +39,7 @@ from .scheduler import Scheduler
 from .sequence import Event, Request, Sequence
 
 log = logging.getLogger("prosa")
+DEFAULT_PREFIX_CACHE_TOKENS = 8192   # a few conversations' worth (~380 MB for SmolLM2-135M, 590 MB for GPT-2)
 IDLE_EXIT_S = 2.0            # the thread ends after this long with nothing to do (it restarts on the next request)
 _ids = itertools.count(1)
 _engines: "weakref.WeakSet[Engine]" = weakref.WeakSet()
@@ -108,13 +109,19 @@ class Engine:
         prefill_chunk: prompt tokens run per step at most (the most a prompt delays running streams).
         block_size: tokens per KV block.
         prefix_cache: reuse the keys/values of earlier prompts' prefixes.
+        prefix_cache_tokens: the most tokens of finished sequences kept for that (default
+            ``DEFAULT_PREFIX_CACHE_TOKENS``); memory settles at what running sequences need plus this.
         threads: CPU threads of the engine thread's kernels (None: PyTorch's default).
         background: run the loop in the engine's own thread (False: the caller drives it with ``step``).
     """
 
     def __init__(self, model: torch.nn.Module, tokenizer: Any, *, max_batch: int | None = None,
                  kv_cache_tokens: int | None = None, prefill_chunk: int = 256, block_size: int = 16,
-                 prefix_cache: bool = True, threads: int | None = None, background: bool = True):
+                 prefix_cache: bool = True, prefix_cache_tokens: int | None = None, threads: int | None = None,
+                 background: bool = True):
+        if prefix_cache_tokens is not None and (isinstance(prefix_cache_tokens, bool)
+                                                or not isinstance(prefix_cache_tokens, int) or prefix_cache_tokens < 0):
+            raise ValueError(f"prefix_cache_tokens must be an integer >= 0, got {prefix_cache_tokens!r}")
         for name, value in (("max_batch", max_batch), ("kv_cache_tokens", kv_cache_tokens), ("threads", threads)):
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
@@ -136,8 +143,9 @@ class Engine:
             dtype = dtype if dtype.is_floating_point else torch.float32
             per_token = 2 * layers * heads * dim * torch.empty(0, dtype=dtype).element_size()
             tokens = kv_cache_tokens or default_kv_tokens(per_token, self.window, self.max_batch, block_size)
+            cached = prefix_cache_tokens if prefix_cache_tokens is not None else DEFAULT_PREFIX_CACHE_TOKENS
             self.pool: BlockPool | None = BlockPool(layers, heads, dim, dtype, self.device, block_size,
-                                                    -(-tokens // block_size), prefix_cache)
+                                                    -(-tokens // block_size), prefix_cache, cached // block_size)
             self.runner: PagedRunner | SoloRunner = PagedRunner(model, self.pool, quant.kernels())
         else:
             self.pool, self.runner = None, SoloRunner(model)

@@ -276,11 +276,14 @@ class Scheduler:
         if s is not None:
             s.done = True
             self.runner.release(s)
+            s.logits = s.matcher = s.cache = None    # a logits row keeps its whole batch's tensor alive
         if h.position is None:           # admitted: give back its share of the reservation and the batch
             if self.pool is not None:
                 self.pool.reserved -= self.blocks_for(h.request)
             self.live -= 1
         h.finished += 1
+        if h.done:
+            h.seqs = []                              # no Handle <-> Sequence cycle left for the GC to find
         self.metrics.finished(ev.finish_reason)
         h.queue.put(ev)
 
