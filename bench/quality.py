@@ -85,12 +85,6 @@ def main(argv: list[str] | None = None) -> int:
     section = f"## {SECTION}\n\n{__doc__.strip().splitlines()[0]}\n\n{markdown(measure(args.quick, args.model))}\n"
     emit_section(args.output, SECTION, section)
     return 0
-    out = Path(args.output)
-    text = out.read_text(encoding="utf-8") if out.exists() else ""
-    parts = text.split("\n## ")
-    kept = [parts[0]] + [p for p in parts[1:] if not p.startswith(SECTION)]
-    out.write_text("\n## ".join(kept).rstrip() + "\n\n" + section, encoding="utf-8")
-    return 0
 
 
 if __name__ == "__main__":

@@ -218,12 +218,6 @@ def main(argv: list[str] | None = None) -> int:
     section = f"## {SECTION}\n\n{__doc__.strip().splitlines()[0]}\n\n{markdown(serve, reg, args)}\n"
     emit_section(args.output, SECTION, section)
     return 0
-    out = Path(args.output)
-    text = out.read_text(encoding="utf-8") if out.exists() else ""
-    parts = text.split("\n## ")
-    kept = [parts[0]] + [x for x in parts[1:] if not x.startswith(SECTION)]
-    out.write_text("\n## ".join(kept).rstrip() + "\n\n" + section, encoding="utf-8")
-    return 0
 
 
 if __name__ == "__main__":
