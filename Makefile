@@ -44,17 +44,21 @@ bench: setup-dev
 	$(BIN)/python bench/run.py
 	$(BIN)/python bench/quality.py --output docs/benchmarks.md
 	$(BIN)/python bench/serving.py --output docs/benchmarks.md
+	$(BIN)/python bench/server.py $(if $(wildcard build/llama-server),--llama-server build/llama-server) \
+		--output docs/benchmarks.md
 
 # The few-minute subset CI runs; writes outside docs/ so that the committed table is not overwritten.
 bench-quick: setup-dev
 	$(BIN)/python bench/run.py --quick --output build/benchmarks-quick.md
 
-# Peers for `make bench`. llama-cpp-python is built from source without native/AMX code: llama.cpp's AMX kernels
-# SIGILL on VMs that report AMX flags but don't enable the tile state; AVX-512 stays on.
+# Peers for `make bench`. llama-cpp-python (and llama-server, from the llama.cpp in its sdist) are built from source
+# without native/AMX code: llama.cpp's AMX kernels SIGILL on VMs that report AMX flags but don't enable the tile
+# state; AVX-512 stays on.
 bench-peers: setup-dev
 	$(BIN)/pip install -q ctranslate2
 	CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX512=ON -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF" \
 		$(BIN)/pip install -q --no-binary llama-cpp-python llama-cpp-python
+	test -x build/llama-server || bench/build_llama_server.sh build/llama-server
 
 clean:
 	rm -rf $(VENV) build *.egg-info prosa/*.so
