@@ -16,11 +16,14 @@ from pathlib import Path
 from . import _positive_int, add_model_options, load_model
 
 BUNDLED_ID = "SmolLM2-135M-Instruct"
+DESCRIPTION = """Serve a model behind an OpenAI-compatible HTTP API (/v1/models, /v1/completions, /v1/chat/completions)
+with a web chat page at /. The server answers at once: /health says 503 while the model loads, 200 once it is
+ready. SIGTERM or Ctrl-C stop accepting connections and let running streams finish (--drain-timeout)."""
 
 
 def register(sub) -> None:
     p = sub.add_parser("serve", help="serve a model over an OpenAI-compatible HTTP API, with a web chat page",
-                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+                       description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_options(p)
     g = p.add_argument_group("server")
     g.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
