@@ -301,6 +301,15 @@ def test_stream_close_cancels_and_chunks_are_per_sample(tiny_checkpoint):
     assert lm.engine.metrics.snapshot()["requests"].get("cancelled") == 1
 
 
+def test_a_handle_iterates_its_events(tiny_checkpoint):
+    lm = prosa.load(tiny_checkpoint("gpt2"), quantize="int8")
+    (req,) = lm.make_requests(["Once upon"], n=2, max_new_tokens=4, temperature=0.7, seed=5, ignore_eos=True)
+    events = list(lm.engine.submit(req))
+    assert sorted(e.sample for e in events if e.finish_reason) == [0, 1] and len(events) == 8
+    alone = lm.generate("Once upon", n=2, max_new_tokens=4, temperature=0.7, seed=5, ignore_eos=True)
+    assert [e.token for e in events if e.sample == 1] == alone[1].tokens
+
+
 def test_metrics(tiny_checkpoint):
     lm = prosa.load(tiny_checkpoint("gpt2"), quantize="int8")
     lm.generate(["a b", "c d e"], max_new_tokens=5, temperature=0, ignore_eos=True)

@@ -40,15 +40,6 @@ class Histogram:
             out.append((bound, run))
         return out
 
-    def quantile(self, q: float) -> float | None:
-        """The upper bound of the bucket holding quantile ``q`` (a coarse estimate), None when empty."""
-        if not self.count:
-            return None
-        for bound, run in self.cumulative():
-            if run >= q * self.count:
-                return bound
-        return float("inf")
-
 
 class Metrics:
     """Gauges (waiting, running, kv_cache_usage), counters (prompt/generated/cached tokens, requests by finish
