@@ -10,6 +10,14 @@ from .language_model import Chunk, GenerationResult, LanguageModel, TokenLogprob
 from .loader import load
 from .pipeline import pipeline
 
+
+def finetune(data, out, model=None, **settings):
+    """Fine-tune ``model`` on ``data`` into ``out``; see ``prosa.training.finetune`` (imported on first use)."""
+    from .training import finetune as run
+
+    return run(data, out, model, **settings)
+
+
 __version__ = "0.1.0"
-__all__ = ["load", "pipeline", "Chat", "LanguageModel", "GenerationResult", "Chunk", "TokenLogprob", "ProsaError", "ModelNotFoundError",
+__all__ = ["load", "pipeline", "finetune", "Chat", "LanguageModel", "GenerationResult", "Chunk", "TokenLogprob", "ProsaError", "ModelNotFoundError",
            "UnsupportedModelError", "CorruptModelError"]

@@ -6,7 +6,7 @@ import argparse
 import importlib
 import sys
 
-VERBS = ["generate", "info", "chat", "perplexity", "serve"]
+VERBS = ["generate", "info", "chat", "perplexity", "serve", "finetune", "export"]
 
 
 def build_parser() -> argparse.ArgumentParser:

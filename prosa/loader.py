@@ -186,7 +186,7 @@ class _NoInit(TorchFunctionMode):
 
 def load(name_or_path: str | os.PathLike | None = None, *, dtype: str | torch.dtype = "auto",
          quantize: str = "auto", revision: str | None = None, device: str | torch.device | None = None,
-         threads: int | None = None) -> LanguageModel:
+         threads: int | None = None, adapter: str | os.PathLike | None = None) -> LanguageModel:
     """Load a model ready to generate.
 
     Args:
@@ -204,6 +204,8 @@ def load(name_or_path: str | os.PathLike | None = None, *, dtype: str | torch.dt
         device: "cpu", "cuda", or None/"auto" (CUDA when available).
         threads: CPU threads for the matmuls, set by the engine thread that runs the model (loading changes no
             process-wide setting); None keeps PyTorch's default (one per physical core).
+        adapter: a PEFT LoRA adapter folder (e.g. ``prosa finetune``'s ``OUT/adapter``), merged into the weights
+            as they load (before any quantization); a GGUF's blocks are then re-quantized from the adapted weights.
     Returns:
         a ``LanguageModel``.
     """
@@ -212,6 +214,10 @@ def load(name_or_path: str | os.PathLike | None = None, *, dtype: str | torch.dt
     if threads is not None:
         if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
             raise ValueError(f"threads must be a positive integer; got {threads!r}")
+    if adapter is not None:
+        from .training.export import check_adapter_folder
+
+        check_adapter_folder(adapter)
     ck = open_checkpoint(name_or_path, revision)
     dev = resolve_device(device)
     checkpoint_dtype = ck.config.get("torch_dtype") or ck.config.get("dtype")
@@ -226,7 +232,7 @@ def load(name_or_path: str | os.PathLike | None = None, *, dtype: str | torch.dt
     except UnsupportedModelError:
         from .models import hf_fallback
 
-        if not hf_fallback.available() or ck.fmt == "gguf":
+        if not hf_fallback.available() or ck.fmt == "gguf" or adapter is not None:
             raise
         print(f"prosa: note: model_type {ck.config.get('model_type')!r} has no native implementation; "
               "running it through transformers (the slow path)", file=sys.stderr)
@@ -235,7 +241,14 @@ def load(name_or_path: str | os.PathLike | None = None, *, dtype: str | torch.dt
     else:
         from .weights.assemble import load_weights
 
-        summary = load_weights(model, ck, dt, dev, "none" if mode == "bf16" else mode).summary()
+        source = ck
+        if adapter is not None:
+            from .training.export import AdaptedCheckpoint
+
+            source = AdaptedCheckpoint(ck, adapter)
+        summary = load_weights(model, source, dt, dev, "none" if mode == "bf16" else mode).summary()
+        if adapter is not None:
+            summary += f"; adapter {adapter}"
     model.eval()
     if quantize == "auto":
         log.info("quantize=auto chose %s (%s): %s", mode, why, summary)

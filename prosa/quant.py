@@ -391,7 +391,8 @@ def set_activations(model: nn.Module, activations: str) -> nn.Module:
 class QuantizedLinear(nn.Module):
     """Weight-only quantized ``nn.Linear``: ``y = x @ W^T + b`` with ``W`` int8 or int4 group-wise.
 
-    Build it with ``from_linear`` / ``from_float`` / ``from_int`` / ``from_gguf``. Inference only (no grad).
+    Build it with ``from_linear`` / ``from_float`` / ``from_int`` / ``from_gguf``. The weights are frozen; an input
+    that requires grad gets one (adapters trained on a quantized base).
     The bias and the output use the input's dtype; the prosa and aten kernels compute in float32.
     """
 
@@ -539,6 +540,11 @@ class QuantizedLinear(nn.Module):
 
     # --------------------------------------------------------------------------------------------- forward
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.requires_grad and torch.is_grad_enabled():
+            return _FrozenQuantizedMatmul.apply(x, self)   # training adapters on a quantized base (qlora)
+        return self._forward(x)
+
+    def _forward(self, x: torch.Tensor) -> torch.Tensor:
         b = self._buffers  # direct dict access: nn.Module.__getattr__ costs ~1 us per buffer
         if self.backend == "prosa":
             ext = _ext if _ext is not None else kernels()
@@ -587,6 +593,21 @@ class QuantizedLinear(nn.Module):
         return (f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, "
                 f"group_size={self.group_size}, backend={self.backend}, bias={self.bias is not None}"
                 + (f", activations={self.activations}" if self.backend == "prosa" else ""))
+
+
+class _FrozenQuantizedMatmul(torch.autograd.Function):
+    """``QuantizedLinear`` with a gradient for its input (the weights stay frozen): backward multiplies by the
+    dequantized weight, made for that one product and freed at once, so only the integer copy stays in memory."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, layer: "QuantizedLinear") -> torch.Tensor:
+        ctx.layer = layer
+        return layer._forward(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        w = ctx.layer.dequantize(grad.dtype)            # (N, K)
+        return grad @ w, None
 
 
 # ------------------------------------------------------------------------------------------------ whole models

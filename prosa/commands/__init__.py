@@ -2,8 +2,8 @@
 import argparse
 
 
-def add_model_options(p: argparse.ArgumentParser, positional: bool = False) -> None:
-    """The options every verb that loads a model shares."""
+def add_model_options(p: argparse.ArgumentParser, positional: bool = False, adapter: bool = True) -> None:
+    """The options every verb that loads a model shares (``adapter``: also ``--adapter DIR``)."""
     if positional:
         p.add_argument("model", nargs="?", default=None,
                        help="model folder, .gguf file or Hub id (default: $PROSA_MODEL or the bundled SmolLM2-135M)")
@@ -19,6 +19,10 @@ def add_model_options(p: argparse.ArgumentParser, positional: bool = False) -> N
                         "a GGUF file as stored, a float checkpoint in float unless RAM is short")
     p.add_argument("-t", "--threads", type=_positive_int, default=None,
                    help="CPU threads for the matmuls (default: one per physical core)")
+    if adapter:
+        p.add_argument("--adapter", default=None, metavar="DIR",
+                       help="apply a LoRA adapter at load time: the adapter/ folder of prosa finetune, or any PEFT "
+                            "LoRA adapter folder for this model")
 
 
 def _positive_int(text: str) -> int:
@@ -38,7 +42,7 @@ def load_model(args: argparse.Namespace):
     import prosa
 
     lm = prosa.load(args.model, dtype=args.dtype, quantize=args.quantize, revision=args.revision,
-                    device=args.device, threads=args.threads)
+                    device=args.device, threads=args.threads, adapter=getattr(args, "adapter", None))
     if args.quantize == "auto":
         print(f"prosa: weights: {lm.quantize} ({lm.weights.split('; auto: ')[-1]})", file=sys.stderr)
     return lm

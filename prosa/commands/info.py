@@ -18,7 +18,7 @@ def _size(n: float) -> str:
 
 def register(sub) -> None:
     p = sub.add_parser("info", help="describe a model without loading its weights", description=__doc__)
-    add_model_options(p, positional=True)
+    add_model_options(p, positional=True, adapter=False)
     p.set_defaults(run=run, subparser=p)
 
 

@@ -195,3 +195,26 @@ def fuse(weights: dict[str, torch.Tensor], fused: dict[str, tuple[str, ...]], la
                 if all(n in weights for n in names):
                     weights[f"{layers}.{i}.{target}.{kind}"] = torch.cat([weights.pop(n) for n in names])
 
+
+
+def unfuse(weights: dict[str, torch.Tensor], sizes: dict[str, tuple[tuple[str, int], ...]], layers: str,
+           n_layers: int) -> None:
+    """The inverse of ``fuse``, in place: split fused projections back into the checkpoint's parts by rows.
+
+    Args:
+        sizes: fused suffix -> ((part suffix, rows), ...) in the order they were concatenated.
+    """
+    for i in range(n_layers):
+        for target, parts in sizes.items():
+            for kind in ("weight", "bias"):
+                name = f"{layers}.{i}.{target}.{kind}"
+                if name in weights:
+                    pieces = weights.pop(name).split([rows for _, rows in parts])
+                    for (part, _), piece in zip(parts, pieces):
+                        weights[f"{layers}.{i}.{part}.{kind}"] = piece
+
+
+def untie(weights: dict[str, torch.Tensor], out: str, tied: bool) -> None:
+    """Drop the output layer a tied checkpoint does not store (its loader re-ties it to the embedding)."""
+    if tied:
+        weights.pop(out, None)

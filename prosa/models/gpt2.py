@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .base import BaseModelArgs, activation, merge_heads, split_heads, tie_output
+from .base import BaseModelArgs, activation, merge_heads, split_heads, tie_output, untie
 from .cache import Cache, KVCache
 
 _CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
@@ -85,6 +85,8 @@ class GPT2Model(nn.Module):
 class Model(nn.Module):
     """GPT-2 causal LM: ``model(input_ids, cache, attention_mask) -> logits (B, T, V)``."""
 
+    TRANSPOSED = _CONV1D    # checkpoint weights stored (in, out)
+
     def __init__(self, args: ModelArgs):
         super().__init__()
         self.args = args
@@ -126,4 +128,11 @@ class Model(nn.Module):
                 w = w.t().contiguous()
             out[name] = w
         tie_output(out, "lm_head.weight", "transformer.wte.weight", self.args.tie_word_embeddings)   # same tensor: no extra memory
+        return out
+
+    def unsanitize(self, weights: dict[str, torch.Tensor], layout: bool = True) -> dict[str, torch.Tensor]:
+        """This module's state dict -> checkpoint tensors (the inverse of ``sanitize``): Conv1D weights transposed
+        back to (in, out) when ``layout`` (not for names only, e.g. LoRA matrices), a tied output layer left out."""
+        out = {name: (w.t().contiguous() if layout and name.endswith(_CONV1D) else w) for name, w in weights.items()}
+        untie(out, "lm_head.weight", self.args.tie_word_embeddings)
         return out

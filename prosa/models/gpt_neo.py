@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from ..errors import CorruptModelError
-from .base import BaseModelArgs, activation, merge_heads, split_heads, tie_output
+from .base import BaseModelArgs, activation, merge_heads, split_heads, tie_output, untie
 from .cache import Cache, KVCache
 
 
@@ -158,4 +158,11 @@ class Model(nn.Module):
                 name = "transformer." + name
             out[name] = w
         tie_output(out, "lm_head.weight", "transformer.wte.weight", self.args.tie_word_embeddings)   # same tensor: no extra memory
+        return out
+
+    def unsanitize(self, weights: dict[str, torch.Tensor], layout: bool = True) -> dict[str, torch.Tensor]:
+        """This module's state dict -> checkpoint tensors (the inverse of ``sanitize``): a tied output layer left
+        out."""
+        out = dict(weights)
+        untie(out, "lm_head.weight", self.args.tie_word_embeddings)
         return out

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .base import BaseModelArgs, RoPE, activation, merge_heads, tie_output
+from .base import BaseModelArgs, RoPE, activation, merge_heads, tie_output, untie
 from .cache import Cache, KVCache
 
 
@@ -136,4 +136,11 @@ class Model(nn.Module):
                 name = "gpt_neox." + name
             out[name] = w
         tie_output(out, "embed_out.weight", "gpt_neox.embed_in.weight", self.args.tie_word_embeddings)   # same tensor: no extra memory
+        return out
+
+    def unsanitize(self, weights: dict[str, torch.Tensor], layout: bool = True) -> dict[str, torch.Tensor]:
+        """This module's state dict -> checkpoint tensors (the inverse of ``sanitize``): a tied output layer left
+        out."""
+        out = dict(weights)
+        untie(out, "embed_out.weight", self.args.tie_word_embeddings)
         return out

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .base import BaseModelArgs, RoPE, activation, merge_heads, split_heads, tie_output
+from .base import BaseModelArgs, RoPE, activation, merge_heads, split_heads, tie_output, untie
 from .cache import Cache, KVCache
 
 
@@ -137,4 +137,13 @@ class Model(nn.Module):
         tie_output(out, "lm_head.weight", "transformer.wte.weight", self.args.tie_word_embeddings)
         if "lm_head.weight" in out and "lm_head.bias" not in out:
             out["lm_head.bias"] = out["lm_head.weight"].new_zeros(out["lm_head.weight"].shape[0])
+        return out
+
+    def unsanitize(self, weights: dict[str, torch.Tensor], layout: bool = True) -> dict[str, torch.Tensor]:
+        """This module's state dict -> checkpoint tensors (the inverse of ``sanitize``): a tied output layer (and
+        the zero bias ``sanitize`` gave it) left out."""
+        out = dict(weights)
+        if self.args.tie_word_embeddings:
+            untie(out, "lm_head.weight", True)
+            out.pop("lm_head.bias", None)
         return out

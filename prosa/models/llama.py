@@ -11,7 +11,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .base import BaseModelArgs, RoPE, activation, fuse, merge_heads, split_heads, tie_output
+from .base import (BaseModelArgs, RoPE, activation, fuse, merge_heads, split_heads, tie_output, unfuse,
+                   untie)
 from .cache import Cache, KVCache
 
 
@@ -167,4 +168,16 @@ class Model(nn.Module):
         weights = {k: v for k, v in weights.items() if "rotary_emb.inv_freq" not in k}
         fuse(weights, self.FUSED, self.LAYERS, self.args.num_hidden_layers)
         tie_output(weights, "lm_head.weight", "model.embed_tokens.weight", self.args.tie_word_embeddings)
+        return weights
+
+    def unsanitize(self, weights: dict[str, torch.Tensor], layout: bool = True) -> dict[str, torch.Tensor]:
+        """This module's state dict -> checkpoint tensors (the inverse of ``sanitize``): fused projections split
+        back into q/k/v and gate/up, a tied output layer left out. ``layout`` is unused (no transposes here)."""
+        a = self.args
+        q, kv = a.num_attention_heads * a.head_dim, a.num_key_value_heads * a.head_dim
+        sizes = {"self_attn.qkv_proj": (("self_attn.q_proj", q), ("self_attn.k_proj", kv), ("self_attn.v_proj", kv)),
+                 "mlp.gate_up_proj": (("mlp.gate_proj", a.intermediate_size), ("mlp.up_proj", a.intermediate_size))}
+        weights = dict(weights)
+        unfuse(weights, sizes, self.LAYERS, a.num_hidden_layers)
+        untie(weights, "lm_head.weight", a.tie_word_embeddings)
         return weights
