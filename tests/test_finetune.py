@@ -102,6 +102,23 @@ def test_full_finetuning_trains_and_loads_in_transformers(arch, tiny_checkpoint,
     torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=0)
 
 
+def test_lora_in_bfloat16_autocast(tiny_checkpoint, stories, tmp_path):
+    """bf16 autocast keeps the frozen base in bf16; the export is still the float base plus the changes."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    base = tiny_checkpoint("gpt_neox")
+    out = tmp_path / "out"
+    prosa.finetune(stories, out, str(base), max_steps=12, lr=3e-3, **{**QUICK, "dtype": "bfloat16"})
+    curve = losses(out)
+    assert sum(curve[-3:]) / 3 < sum(curve[:3]) / 3 - 0.1, curve
+    assert json.loads((out / "run.json").read_text())["autocast"] == "bfloat16"
+    peft = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32).eval(),
+                                     out / "adapter").eval()
+    merged = prosa.load(out, quantize="none", dtype="float32").model(PROBE)
+    torch.testing.assert_close(peft(PROBE).logits, merged, atol=1e-4, rtol=0)
+
+
 def test_tied_embeddings_are_one_parameter_in_full_finetuning(tiny_checkpoint, stories, tmp_path):
     out = tmp_path / "out"
     prosa.finetune(stories, out, str(tiny_checkpoint("llama_linear")), method="full", max_steps=3, **QUICK)
@@ -121,6 +138,14 @@ def test_qlora_trains_on_a_quantized_base(bits, tiny_checkpoint, stories, tmp_pa
                    lr=3e-3, **QUICK)
     curve = losses(out)
     assert sum(curve[-3:]) / 3 < sum(curve[:3]) / 3 - 0.1, curve
+    # OUT is the float base plus the adapters' changes, as PEFT applies them
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(tiny_checkpoint("llama"), dtype=torch.float32).eval()
+    peft = PeftModel.from_pretrained(base, out / "adapter").eval()
+    merged = prosa.load(out, quantize="none", dtype="float32").model(PROBE)
+    torch.testing.assert_close(peft(PROBE).logits, merged, atol=1e-4, rtol=0)
     # the gradient through a quantized layer is the one through its dequantized weight
     lm = prosa.load(tiny_checkpoint("llama"), quantize=bits)
     add_lora(lm.model, 4, 8.0)

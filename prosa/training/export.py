@@ -70,34 +70,20 @@ def _shared(tensors: dict[str, torch.Tensor], name: str) -> set[int]:
 
 
 # --------------------------------------------------------------------------------------------- merged folders
-def merged_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The model's weights with every adapter merged in, under the checkpoint's names and layouts (float32;
-    quantized layers dequantized).
-
-    Returns:
-        checkpoint name -> tensor, as ``model.unsanitize`` gives them.
-    """
-    from ..quant import QuantizedLinear
-
-    state: dict[str, torch.Tensor] = {}
-    skip: set[str] = set()
-    for name, mod in model.named_modules():
-        if any(name.startswith(prefix) for prefix in skip):
-            continue        # the base layer of an adapter, merged with it
-        if isinstance(mod, LoRALinear):
-            state[f"{name}.weight"] = mod.merged_weight()
-            if mod.merged_bias() is not None:
-                state[f"{name}.bias"] = mod.merged_bias()
-            skip.add(name + ".")
-        elif isinstance(mod, QuantizedLinear):
-            state[f"{name}.weight"] = mod.dequantize(torch.float32)
-            if mod.bias is not None:
-                state[f"{name}.bias"] = mod.bias.float()
-            skip.add(name + ".")
-    for name, t in model.state_dict(keep_vars=False).items():
-        if not any(name.startswith(s) for s in skip):
-            state[name] = t.detach().float() if t.is_floating_point() else t
+def trained_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """A fully fine-tuned model's weights under the checkpoint's names and layouts (float32), as
+    ``model.unsanitize`` gives them."""
+    state = {name: t.detach().float() if t.is_floating_point() else t for name, t in model.state_dict().items()}
     return model.unsanitize(state)
+
+
+def merged_with_adapters(ck, model: nn.Module) -> dict[str, torch.Tensor]:
+    """The source checkpoint's tensors (float32, dequantized) plus the weight changes of ``model``'s adapters:
+    exactly what PEFT's ``merge_and_unload`` of the exported adapter on that base gives."""
+    tensors, _, fan_in_fan_out = adapter_tensors(model)
+    scale = next(iter(lora_layers(model).values())).scale
+    deltas = peft_deltas(tensors, {"r": 1, "lora_alpha": scale, "fan_in_fan_out": fan_in_fan_out}, "the adapters")
+    return dict(add_deltas(ck.tensors(torch.float32), {_key(m): d for m, d in deltas.items()}, ck.path, "training"))
 
 
 def model_config(config: dict[str, Any]) -> dict[str, Any]:
@@ -128,13 +114,15 @@ def copy_tokenizer(ck, dest: Path) -> None:
 
 
 def save_model_folder(dest: Path, model: nn.Module, ck, generation_config: dict[str, Any] | None = None) -> None:
-    """Write a loadable Hugging Face folder of ``model`` (adapters merged) into ``dest``.
+    """Write a loadable Hugging Face folder of ``model`` into ``dest``: with adapters, the source's weights plus
+    their changes; else the model's own (fully trained) weights.
 
     Args:
-        ck: the ``prosa.loader.Checkpoint`` the model came from (config, tokenizer files).
+        ck: the ``prosa.loader.Checkpoint`` the model came from (config, weights, tokenizer files).
     """
     dest.mkdir(parents=True, exist_ok=True)
-    save_tensors(dest / "model.safetensors", merged_state(model))
+    state = merged_with_adapters(ck, model) if lora_layers(model) else trained_state(model)
+    save_tensors(dest / "model.safetensors", state)
     write_json(dest / "config.json", model_config(ck.config))
     gen = dict(generation_config if generation_config is not None else ck.generation_config)
     for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
@@ -217,6 +205,11 @@ def read_adapter(folder: str | Path) -> dict[str, torch.Tensor]:
         tensors = torch.load(folder / "adapter_model.bin", map_location="cpu", weights_only=True)
     else:
         raise AdapterError(f"{folder} has no adapter_model.safetensors")
+    return peft_deltas(tensors, cfg, str(folder))
+
+
+def peft_deltas(tensors: dict[str, torch.Tensor], cfg: dict[str, Any], where: str) -> dict[str, torch.Tensor]:
+    """HF module name -> ``scale * B @ A`` for PEFT-named LoRA tensors with adapter config ``cfg``."""
     r, alpha = int(cfg.get("r", 8)), float(cfg.get("lora_alpha", 8))
     scale = alpha / r ** 0.5 if cfg.get("use_rslora") else alpha / r
     deltas: dict[str, torch.Tensor] = {}
@@ -226,11 +219,11 @@ def read_adapter(folder: str | Path) -> dict[str, torch.Tensor]:
         module = name.split(".lora_A.")[0].removeprefix(PEFT_PREFIX)
         b = tensors.get(name.replace(".lora_A.", ".lora_B."))
         if b is None or b.shape[1] != a.shape[0]:
-            raise AdapterError(f"{folder}: {name} has no matching lora_B tensor; the adapter file is damaged")
+            raise AdapterError(f"{where}: {name} has no matching lora_B tensor; the adapter file is damaged")
         d = (b.float() @ a.float()) * scale
         deltas[module] = d.t().contiguous() if cfg.get("fan_in_fan_out") else d
     if not deltas:
-        raise AdapterError(f"{folder}: adapter_model holds no lora_A/lora_B tensors")
+        raise AdapterError(f"{where}: adapter_model holds no lora_A/lora_B tensors")
     return deltas
 
 
@@ -266,21 +259,30 @@ class AdaptedCheckpoint:
 
     def tensors(self, dtype: torch.dtype | None = None, skip: frozenset[str] = frozenset()
                 ) -> Iterator[tuple[str, torch.Tensor]]:
-        used = set()
-        for name, t in self.inner.tensors(dtype, skip):
-            key = _key(name.removesuffix(".weight"))
-            if name.endswith(".weight") and key in self.deltas:
-                d = self.deltas[key]
-                if d.shape != t.shape:
-                    raise AdapterError(f"{self.adapter}: the change for {name} is {tuple(d.shape)} but the model's "
-                                       f"weight is {tuple(t.shape)}; the adapter was trained on another model")
-                t = (t.float() + d).to(t.dtype)
-                used.add(key)
-            yield name, t
-        missing = sorted(set(self.deltas) - used)
-        if missing:
-            raise AdapterError(f"{self.adapter} adapts {', '.join(missing[:3])}, which {self.path} does not have; "
-                               "the adapter was trained on another model")
+        return add_deltas(self.inner.tensors(dtype, skip), self.deltas, self.path, str(self.adapter))
+
+
+def add_deltas(tensors: Iterator[tuple[str, torch.Tensor]], deltas: dict[str, torch.Tensor], path,
+               adapter: str) -> Iterator[tuple[str, torch.Tensor]]:
+    """``tensors`` (checkpoint name, tensor) with ``deltas`` (module key, change) added to the matching weights.
+
+    Raises (at the end): AdapterError when an adapted module is not among the tensors, or shapes differ.
+    """
+    used = set()
+    for name, t in tensors:
+        key = _key(name.removesuffix(".weight"))
+        if name.endswith(".weight") and key in deltas:
+            d = deltas[key]
+            if d.shape != t.shape:
+                raise AdapterError(f"{adapter}: the change for {name} is {tuple(d.shape)} but the model's weight is "
+                                   f"{tuple(t.shape)}; the adapter was trained on another model")
+            t = (t.float() + d).to(t.dtype)
+            used.add(key)
+        yield name, t
+    missing = sorted(set(deltas) - used)
+    if missing:
+        raise AdapterError(f"{adapter} adapts {', '.join(missing[:3])}, which {path} does not have; the adapter "
+                           "was trained on another model")
 
 
 def check_adapter_folder(folder: str | Path) -> None:

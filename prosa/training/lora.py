@@ -55,14 +55,6 @@ class LoRALinear(nn.Module):
         """The weight change (out, in) in float32: ``scale * B @ A``."""
         return (self.lora_B.detach().float() @ self.lora_A.detach().float()) * self.scale
 
-    def merged_weight(self) -> torch.Tensor:
-        """The base weight plus the update (out, in), float32 (a quantized base dequantized first)."""
-        base = self.base.dequantize(torch.float32) if isinstance(self.base, QuantizedLinear) else self.base.weight
-        return base.detach().float() + self.delta()
-
-    def merged_bias(self) -> torch.Tensor | None:
-        return None if self.base.bias is None else self.base.bias.detach().float()
-
 
 def output_layer(model: nn.Module) -> str:
     """The output layer's name (``lm_head`` / ``embed_out``): every model registers it last among its linear

@@ -83,18 +83,22 @@ def _chunk_loss(head: nn.Module, h: torch.Tensor, y: torch.Tensor) -> torch.Tens
     return F.cross_entropy(head(h).float(), y, reduction="sum")
 
 
-def loss_sum(forward: nn.Module, model: nn.Module, head_name: str, rows: Rows, autocast) -> tuple[torch.Tensor, int]:
+def loss_sum(forward: nn.Module, model: nn.Module, head_name: str, rows: Rows, autocast,
+             head: nn.Module | None = None) -> tuple[torch.Tensor, int]:
     """Summed cross-entropy over the trained tokens of ``rows`` and their count.
 
     Args:
         forward: what runs the rows (the model, or its DDP wrapper); model: the model itself.
+        autocast: a context factory (autocast or nullcontext).
+        head: the output layer to apply (default: the model's own).
 
     Only trained positions get logits: the hidden states (B, T, C) are gathered at labelled positions (N, C) and
     the output layer runs on those alone, in checkpointed chunks when there are many.
     """
     device = next(model.parameters()).device
     ids, labels, segs = rows.ids.to(device), rows.labels.to(device), rows.segments.to(device)
-    with autocast(), hidden_states(model, head_name) as head:
+    with autocast(), hidden_states(model, head_name) as own:
+        head = head if head is not None else own
         h = forward(ids, cache=PackedAttention(segs))               # (B, T, C)
         keep = labels != IGNORE
         h, y = h[keep], labels[keep]                                # (N, C), (N,)
