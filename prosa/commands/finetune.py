@@ -61,8 +61,8 @@ def register(sub) -> None:
     g = p.add_argument_group("evaluation and checkpoints")
     g.add_argument("--eval-every", type=_positive_int, default=None, help="steps between evaluations (default: 10 "
                                                                            "per run)")
-    g.add_argument("--save-every", type=_positive_int, default=None, help="steps between checkpoints (default: 10 "
-                                                                           "per run)")
+    g.add_argument("--save-every", type=_positive_int, default=None, help="steps between checkpoints (default: 10"
+                                                                           "%% of the run, at least 25)")
     g.add_argument("--patience", type=int, default=None,
                    help="stop after this many evaluations without a better validation loss (default 5; 0 = never)")
     g.add_argument("--samples", type=int, default=None, help="sample generations printed at each evaluation "

@@ -53,7 +53,7 @@ class Settings:
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
     seed: int = 0
-    save_every: int | None = None          # steps; default: 10 checkpoints over the run
+    save_every: int | None = None          # steps; default: every 10% of the run, at most every 25 steps
     eval_every: int | None = None          # steps; default: 10 evaluations over the run
     val_split: float = 0.1
     patience: int = 5                      # evaluations without a better validation loss before stopping; 0 = never

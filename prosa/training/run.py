@@ -20,6 +20,7 @@ from torch import nn
 from . import checkpoint as ckpt
 from .config import Settings, SettingsError
 from .data import Encoder, data_hash, prepare, read_records
+from ..weights.assemble import _trim_heap
 from .export import write_json
 from .progress import Progress, duration, estimate, run_record
 from .trainer import Dist, Signals, Stream, TrainingInterrupted, loss_sum, lr_lambda, native_bf16, sample, \
@@ -63,7 +64,7 @@ class Run:
         rows = len(self.data.train)
         self.total = s.max_steps or max(1, math.ceil((s.epochs or 3) * rows / s.batch_size))
         self.eval_every = s.eval_every or max(1, self.total // 10)
-        self.save_every = s.save_every or max(1, self.total // 10)
+        self.save_every = s.save_every or max(25, self.total // 10)    # a checkpoint writes the whole model
         self.warmup = s.warmup if s.warmup is not None else max(1, round(0.05 * self.total)) if self.total > 1 else 0
         use_bf16 = s.dtype == "bfloat16" or (s.dtype == "auto" and native_bf16(self.dist.device))
         self.amp_dtype = torch.bfloat16 if use_bf16 else None
@@ -176,6 +177,8 @@ class Run:
         signals = Signals()
         train_loss, stopped_early, step = None, False, self.start
         try:
+            if self.start == 0 and self.data.val is not None:
+                self.evaluate(0)            # the starting point of the validation curve
             for step in range(self.start + 1, self.total + 1):
                 start = time.perf_counter()
                 train_loss, tokens, trained = self.optimizer_step(stream, step - 1)
@@ -245,10 +248,13 @@ class Run:
                 texts.append(self.tokenizer.decode(prompt, skip_special_tokens=True) + cont)
         self.model.train()
         self.progress.evaluation(step, val_loss, texts)
-        if val_loss < self.best:
+        if step == 0:
+            pass            # the base model: a reference point, not a candidate
+        elif val_loss < self.best:
             self.best, self.best_step, self.bad_evals = val_loss, step, 0
             if dist.main:
                 ckpt.save(self.checkpoints / "best", self, self.meta(step), with_state=False)
+                _trim_heap()
         else:
             self.bad_evals += 1
         dist.barrier()
@@ -262,6 +268,7 @@ class Run:
         if self.dist.main:
             ckpt.save(self.checkpoints / f"step-{step}", self, self.meta(step))
             ckpt.prune(self.checkpoints, self.settings.keep_checkpoints)
+            _trim_heap()        # the merged copy just written: give its memory back
         self.dist.barrier()
 
     # ------------------------------------------------------------------------------------------------ finish
