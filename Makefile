@@ -59,6 +59,7 @@ bench-peers: setup-dev
 	CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX512=ON -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF" \
 		$(BIN)/pip install -q --no-binary llama-cpp-python llama-cpp-python
 	test -x build/llama-server || bench/build_llama_server.sh build/llama-server
+	$(BIN)/python bench/export_check.py --llama-server build/llama-server
 
 clean:
 	rm -rf $(VENV) build *.egg-info prosa/*.so

@@ -244,7 +244,7 @@ class Run:
         if dist.main and s.samples:
             for i, prompt in enumerate(self.data.sample_prompts[:s.samples]):
                 cont = sample(self.model, self.head_name, self.tokenizer, prompt, s.sample_tokens, s.seed + i,
-                              self.autocast)
+                              self.autocast, self.loss_head)
                 texts.append(self.tokenizer.decode(prompt, skip_special_tokens=True) + cont)
         self.model.train()
         self.progress.evaluation(step, val_loss, texts)

@@ -171,26 +171,27 @@ def native_bf16(device: torch.device) -> bool:
     return torch.cuda.is_bf16_supported() if device.type == "cuda" else _cpu_has_native_bf16()
 
 
-def sample(model: nn.Module, head_name: str, tokenizer, prompt: list[int], tokens: int, seed: int,
-           autocast) -> str:
-    """A short sampled continuation (temperature 0.8, top-k 40, seeded) of ``prompt`` for the progress output."""
+def sample(model: nn.Module, head_name: str, tokenizer, prompt: list[int], tokens: int, seed: int, autocast,
+           head: nn.Module | None = None) -> str:
+    """A short sampled continuation (temperature 0.8, top-k 40, seeded) of ``prompt`` for the progress output;
+    the output layer runs on the last position only."""
     from ..models.cache import KVCache
 
     device = next(model.parameters()).device
     g = torch.Generator(device=device).manual_seed(seed)
     cache, out = KVCache(len(_blocks(model)), 1), []
     ids = torch.tensor([prompt], device=device)
-    with torch.no_grad(), autocast():
-        for _ in range(tokens):
-            logits = model(ids, cache=cache)[0, -1].float() / 0.8                       # (V,)
+    limit = getattr(model, "context_length", 1 << 30)
+    with torch.no_grad(), autocast(), hidden_states(model, head_name) as own:
+        for _ in range(min(tokens, limit - len(prompt))):
+            h = model(ids, cache=cache)[:, -1]                                     # (1, C)
+            logits = (head if head is not None else own)(h)[0].float() / 0.8       # (V,)
             top = logits.topk(min(40, logits.numel()))
             pick = top.indices[torch.multinomial(top.values.softmax(-1), 1, generator=g)]
             if int(pick) in tokenizer.eos_token_ids:
                 break
             out.append(int(pick))
             ids = pick.view(1, 1)
-            if len(prompt) + len(out) >= getattr(model, "context_length", 1 << 30):
-                break
     return tokenizer.decode(out, skip_special_tokens=True)
 
 
