@@ -328,6 +328,18 @@ class Prepared:
     sample_prompts: list[list[int]]
 
 
+def _hold_out(items: list[Example], fraction: float, rng: random.Random) -> tuple[list[Example], list[Example]]:
+    """(kept, held out): a seeded ``fraction`` of ``items`` held out, both in their original order; nothing held
+    out when that would leave either side empty."""
+    n = int(round(len(items) * fraction))
+    if fraction <= 0 or n < 1 or len(items) - n < 1:
+        return list(items), []
+    order = list(range(len(items)))
+    rng.shuffle(order)
+    held = set(order[:n])
+    return [x for i, x in enumerate(items) if i not in held], [items[i] for i in sorted(held)]
+
+
 def prepare(records: Sequence[Record], encoder: Encoder, seq_len: int, val_split: float, seed: int,
             packing: bool = True) -> Prepared:
     """Tokenize, hold out ``val_split`` of the documents (of the pieces when there are too few documents),
@@ -340,29 +352,14 @@ def prepare(records: Sequence[Record], encoder: Encoder, seq_len: int, val_split
     examples = [encoder(r) for r in records]
     tokens = sum(len(e.ids) for e in examples)
     rng = random.Random(seed)
-    val_ex: list[Example] = []
-    split_by = "none"
-    n_val = int(round(len(examples) * val_split))
-    if val_split > 0 and n_val >= 1 and len(examples) - n_val >= 1:
-        order = list(range(len(examples)))
-        rng.shuffle(order)
-        held = set(order[:n_val])
-        val_ex = [examples[i] for i in sorted(held)]
-        train_ex = [e for i, e in enumerate(examples) if i not in held]
+    train_ex, val_ex = _hold_out(examples, val_split, rng)
+    if val_ex:
+        split_by = "documents"
         train_p = [p for e in train_ex for p in pieces(e, seq_len)]
         val_p = [p for e in val_ex for p in pieces(e, seq_len)]
-        split_by = "documents"
-    else:
-        train_p = [p for e in examples for p in pieces(e, seq_len)]
-        val_p = []
-        n_val = int(round(len(train_p) * val_split))
-        if val_split > 0 and n_val >= 1 and len(train_p) - n_val >= 1:
-            order = list(range(len(train_p)))
-            rng.shuffle(order)
-            held = set(order[:n_val])
-            val_p = [train_p[i] for i in sorted(held)]
-            train_p = [p for i, p in enumerate(train_p) if i not in held]
-            split_by = "pieces"
+    else:   # too few documents to hold whole ones out: hold out pieces
+        train_p, val_p = _hold_out([p for e in examples for p in pieces(e, seq_len)], val_split, rng)
+        split_by = "pieces" if val_p else "none"
     if not any(any(p.trained) for p in train_p):
         raise DataError("no token of the training data is trained (every one is a prompt token); check the "
                         "records or pass --train-on-prompt")

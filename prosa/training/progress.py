@@ -23,9 +23,9 @@ def rss_mb() -> tuple[float, float]:
         return 0.0, 0.0
 
 
-def matmul_gflops(seconds: float = 0.25) -> float:
-    """Float32 matmul speed of this machine (GFLOP/s), measured on a 512 x 1024 x 1024 product."""
-    a, b = torch.randn(512, 1024), torch.randn(1024, 1024)
+def matmul_gflops(seconds: float = 0.25, dtype: torch.dtype = torch.float32) -> float:
+    """Matmul speed of this machine in ``dtype`` (GFLOP/s), measured on a 512 x 1024 x 1024 product."""
+    a, b = torch.randn(512, 1024, dtype=dtype), torch.randn(1024, 1024, dtype=dtype)
     a @ b
     n, start = 0, time.perf_counter()
     while time.perf_counter() - start < seconds:
@@ -35,12 +35,12 @@ def matmul_gflops(seconds: float = 0.25) -> float:
 
 
 def estimate(settings, shapes: dict[str, tuple[int, ...]], steps: int, layers: int, hidden: int,
-             vocab: int) -> tuple[float, float]:
+             vocab: int, amp_dtype: torch.dtype | None = None) -> tuple[float, float]:
     """A rough (seconds, peak MB) for the run, from the weight shapes alone (before loading).
 
     FLOPs per token: 2N forward, 2N backward through the activations, 2N more for the weights' gradients in full
     fine-tuning (N = weights in matmuls); 2N extra with activation checkpointing. Assumes 40% of the measured
-    float32 matmul speed. Memory: the weights (float32, or ~0.6 byte each in qlora int4), gradients and Adam's two
+    matmul speed (in the autocast dtype). Memory: the weights (float32, or ~0.6 byte each in qlora int4), gradients and Adam's two
     moments for what is trained, and the activations of one micro-batch (~34 values per hidden unit per layer).
     """
     matmul = sum(math.prod(s) for n, s in shapes.items() if len(s) == 2 and "embed" not in n and "wte" not in n
@@ -48,7 +48,7 @@ def estimate(settings, shapes: dict[str, tuple[int, ...]], steps: int, layers: i
     total = sum(math.prod(s) for s in shapes.values())
     factor = (6 if settings.method == "full" else 4) + (2 if settings.grad_checkpoint else 0)
     tokens = steps * settings.batch_size * settings.seq_len
-    seconds = tokens * factor * matmul / (0.4 * matmul_gflops() * 1e9)
+    seconds = tokens * factor * matmul / (0.4 * matmul_gflops(dtype=amp_dtype or torch.float32) * 1e9)
     weight_bytes = total * (0.6 if settings.method == "qlora" and settings.quantize == "int4" else
                             1.1 if settings.method == "qlora" else 4)
     train_bytes = total * 12 if settings.method == "full" else 0

@@ -105,7 +105,7 @@ class Run:
         cfg = self.ck.config
         layers = cfg.get("num_hidden_layers") or cfg.get("n_layer") or cfg.get("num_layers") or 12
         hidden = cfg.get("hidden_size") or cfg.get("n_embd") or 768
-        seconds, mb = estimate(s, shapes, self.total, layers, hidden, cfg.get("vocab_size", 50000))
+        seconds, mb = estimate(s, shapes, self.total, layers, hidden, cfg.get("vocab_size", 50000), self.amp_dtype)
         split = {"documents": f"{d.documents - d.val_documents} training / {d.val_documents} held-out documents",
                  "pieces": f"{d.documents} document(s), held out {len(d.val or [])} of their {s.seq_len}-token pieces",
                  "none": "no held-out split (too little data or --val-split 0): no validation loss"}[d.split_by]
@@ -138,6 +138,7 @@ class Run:
         self.loss_head = None
         if s.method == "lora" and self.amp_dtype is not None:
             self.loss_head = frozen_in(model, self.amp_dtype, output_layer(model))
+            _trim_heap()        # the float32 copies just dropped
         if s.grad_checkpoint:
             checkpoint_blocks(model)
         self.head_name = output_layer(model)
