@@ -48,8 +48,13 @@ class LoRALinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(…, in) -> (…, out)"""
-        update = F.linear(F.linear(self.dropout(x), self.lora_A), self.lora_B)
-        return self.base(x) + update * self.scale
+        y = self.base(x)                                                    # (…, out)
+        # the scale goes on the rank-r product, and B's product is added by the matmul itself (addmm): two passes
+        # over the (…, out) activations fewer than base + (B A x) * scale
+        h = F.linear(self.dropout(x), self.lora_A) * self.scale              # (…, r)
+        out = torch.addmm(y.reshape(-1, y.shape[-1]), h.reshape(-1, self.rank).to(y.dtype),
+                          self.lora_B.t().to(y.dtype))
+        return out.view(y.shape)
 
     def delta(self) -> torch.Tensor:
         """The weight change (out, in) in float32: ``scale * B @ A``."""
