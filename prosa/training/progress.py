@@ -98,7 +98,7 @@ class Progress:
             f.write(json.dumps(record) + "\n")
 
     def step(self, **record: Any) -> None:
-        """Log one optimizer step (step, loss, lr, tokens, trained_tokens, step_s, tok_s, epoch)."""
+        """Log one optimizer step (step, loss, lr, tokens, trained_tokens, step_s, tok_s, elapsed_s, epoch)."""
         if not self.active:
             return
         rss, _ = rss_mb()

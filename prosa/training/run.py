@@ -155,12 +155,14 @@ class Run:
         trained, total = trainable_summary(model)
         self.say(f"model: {total:,} parameters, {trained:,} trained ({100 * trained / total:.2f}%)")
         self.start, self.best, self.best_step, self.bad_evals = 0, math.inf, None, 0
+        self.elapsed = 0.0          # seconds spent in optimizer steps, over resumptions
         if s.resume and (last := ckpt.steps(self.checkpoints)):
             step, folder = last[-1]
             ckpt.load_trainable(folder, model)
             ckpt.load_state(folder, self)
             meta = ckpt.read_meta(folder)
             self.start, self.best_step, self.bad_evals = step, meta.get("best_step"), meta.get("bad_evals", 0)
+            self.elapsed = meta.get("elapsed_s", 0.0)
             self.best = meta.get("best_val", math.inf) if meta.get("best_val") is not None else math.inf
             self.say(f"resumed from {folder} (step {step})")
         elif self.dist.main and s.overwrite and self.out.exists():
@@ -183,9 +185,11 @@ class Run:
             for step in range(self.start + 1, self.total + 1):
                 start = time.perf_counter()
                 train_loss, tokens, trained = self.optimizer_step(stream, step - 1)
+                took = time.perf_counter() - start
+                self.elapsed += took
                 progress.step(step=step, loss=train_loss, lr=self.scheduler.get_last_lr()[0], tokens=tokens,
-                              trained_tokens=trained, step_s=round(time.perf_counter() - start, 4),
-                              tok_s=tokens / (time.perf_counter() - start), epoch=round(stream.epoch(step), 4))
+                              trained_tokens=trained, step_s=round(took, 4), tok_s=tokens / took,
+                              elapsed_s=round(self.elapsed, 3), epoch=round(stream.epoch(step), 4))
                 if self.data.val is not None and (step % self.eval_every == 0 or step == self.total):
                     stopped_early = self.evaluate(step)
                 caught = int(dist.sum(float(signals.caught or 0))[0]) if dist.world > 1 else signals.caught
@@ -263,7 +267,8 @@ class Run:
 
     def meta(self, step: int) -> dict[str, Any]:
         return {"step": step, "best_val": None if math.isinf(self.best) else self.best, "best_step": self.best_step,
-                "bad_evals": self.bad_evals, "settings": self.settings.as_dict(), "total_steps": self.total}
+                "bad_evals": self.bad_evals, "settings": self.settings.as_dict(), "total_steps": self.total,
+                "elapsed_s": self.elapsed}
 
     def save(self, step: int) -> None:
         if self.dist.main:
