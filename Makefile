@@ -46,6 +46,7 @@ bench: setup-dev
 	$(BIN)/python bench/serving.py --output docs/benchmarks.md
 	$(BIN)/python bench/server.py $(if $(wildcard build/llama-server),--llama-server build/llama-server) \
 		--output docs/benchmarks.md
+	$(BIN)/python bench/finetune.py --output docs/benchmarks.md
 
 # The few-minute subset CI runs; writes outside docs/ so that the committed table is not overwritten.
 bench-quick: setup-dev
