@@ -103,9 +103,13 @@ def steps(root: Path) -> list[tuple[int, Path]]:
 
 
 def prune(root: Path, keep: int) -> None:
-    """Delete all but the newest ``keep`` step checkpoints (``best/`` stays)."""
+    """Delete all but the newest ``keep`` step checkpoints (``best/`` stays), and the temporary folders of saves
+    that a killed run left unfinished."""
     for _, path in steps(root)[:-keep]:
         shutil.rmtree(path, ignore_errors=True)
+    for path in root.glob(".*"):
+        if path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
 
 
 def read_meta(folder: Path) -> dict[str, Any]:
