@@ -359,3 +359,24 @@ def test_readme_example_on_the_bundled_model(bundled_gguf, tmp_path):
     ours = prosa.load(out, quantize="none", dtype="float32").model(ids)
     theirs = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()(ids).logits
     torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=0)
+
+
+def test_adapter_on_an_int4_gguf_loads_in_int8(tiny_checkpoint, stories, tmp_path):
+    """int4 re-rounding would snap a LoRA change back to the base's grid: auto picks int8 with an adapter."""
+    from prosa.weights.gguf_export import export_gguf
+
+    base = tiny_checkpoint("qwen2")     # (the tiny llama's rope scaling has no GGUF spelling)
+    out = tmp_path / "out"
+    prosa.finetune(stories, out, str(base), max_steps=6, lr=5e-3, **QUICK)
+    gguf = tmp_path / "base.gguf"
+    export_gguf(str(base), gguf, "q4_1")
+    assert prosa.load(gguf).quantize == "int4"
+    adapted = prosa.load(gguf, adapter=out / "adapter")
+    assert adapted.quantize == "int8" and "adapter" in adapted.weights
+    exact = prosa.load(gguf, quantize="none", adapter=out / "adapter").model(PROBE)
+    int4 = prosa.load(gguf, quantize="int4", adapter=out / "adapter").model(PROBE)
+    err8, err4 = ((x - exact).abs().mean().item() for x in (adapted.model(PROBE), int4))
+    assert err8 < 0.5 * err4, (err8, err4)
+    r = prosa_cli("generate", "A story", "-m", str(gguf), "--adapter", str(out / "adapter"), "-q", "int4",
+                  "--max-new-tokens", "2")
+    assert r.returncode == 0 and "erases most of a LoRA change" in r.stderr
