@@ -7,8 +7,12 @@ written here), batch (``--batch`` rows x ``--seq-len`` tokens per optimizer step
 * transformers + PEFT LoRA (r=16, alpha=32, dropout 0, every linear layer but the output) and transformers full
   fine-tuning: a plain PyTorch loop (forward, backward, clip, ``AdamW.step``), timed per step; in float32 and, on a
   CPU with native bf16, also under bf16 autocast (``torch.autocast("cpu", torch.bfloat16)``);
-* ``prosa finetune --method lora|full``: the CLI, its tok/s read from ``OUT/log.jsonl``; in float32 and, on a
-  CPU with native bf16, in prosa's default ``--dtype auto`` (bf16 autocast, frozen base stored in bf16).
+* ``prosa finetune --method lora|full --compile on``: the CLI, its tok/s read from ``OUT/log.jsonl``; in float32
+  and, on a CPU with native bf16, in prosa's default ``--dtype auto`` (bf16 autocast, frozen base stored in bf16).
+  ``--compile on`` is what ``auto`` picks for a run estimated at a minute or more (these are shorter); the first
+  step, which compiles, is not in tok/s but has its own column;
+* for reference, transformers + PEFT with the same ``torch.compile`` of every decoder layer (bf16 autocast):
+  what a transformers user gets by compiling (the target is against transformers as it ships, uncompiled).
 
 Training tok/s = input tokens / step time over the steady steps (the first 2 are not counted). Peak RSS: the
 child's ``ru_maxrss`` from ``wait4`` (this parent never imports torch, so the fork does not inflate it). The
@@ -92,6 +96,11 @@ def hf_train(spec: dict[str, Any]) -> dict[str, Any]:
         from peft import LoraConfig, get_peft_model
 
         model = get_peft_model(model, LoraConfig(target_modules="all-linear", task_type="CAUSAL_LM", **LORA))
+    if spec.get("compile"):
+        # the same recipe prosa's --compile uses: every decoder layer through torch.compile (one graph for all)
+        layers = next(m for m in model.modules() if isinstance(m, torch.nn.ModuleList))
+        for layer in layers:
+            layer.compile()
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=spec["lr"], weight_decay=0.0)
     # plain packing: every story + end token, concatenated and cut into rows of seq_len
@@ -189,7 +198,7 @@ def prosa_train(spec: dict[str, Any], timeout: float) -> dict[str, Any]:
            "--method", spec["method"], "--max-steps", str(spec["steps"]), "--batch-size", str(spec["batch"]),
            "--seq-len", str(spec["seq_len"]), "--lr", str(spec["lr"]), "--seed", str(spec["seed"]),
            "--threads", str(spec["threads"]), "--val-split", "0", "--eval-every", big, "--save-every", big,
-           "--overwrite", "--dtype", spec["dtype"], "--no-progress"]
+           "--overwrite", "--dtype", spec["dtype"], "--no-progress", "--compile", spec.get("compile_mode", "on")]
     r = spawn(cmd, timeout)
     log = out / "log.jsonl"
     if r["rc"] != 0 or not log.is_file():
@@ -256,12 +265,12 @@ def markdown(rows: dict[tuple, list[dict]], peak: dict, model: dict, args, work:
              "[min–max], peak RSS max over repeats. Other load: cores busy with other processes meanwhile (above "
              f"{NOISY}: noisy).", "",
              "| system | method | dtype | trainable params | training tok/s (steady) | step (s) | peak RSS (MB) | "
-             "GFLOP/token | MFU | loss first → last | other load (cores) |",
-             "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "first step (s) | GFLOP/token | MFU | loss first → last | other load (cores) |",
+             "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     summary: dict[tuple, dict] = {}
     for (system, method, dtype), results in rows.items():
         if not results:
-            lines.append(f"| {system} | {method} | {dtype} | — | — | — | — | — | — | — | — |")
+            lines.append(f"| {system} | {method} | {dtype} | — | — | — | — | — | — | — | — | — |")
             continue
         rates = [steady(r["steps"])[0] for r in results]
         trainable = results[0].get("trainable") or model.get(f"{method}_trainable", 0)
@@ -273,7 +282,8 @@ def markdown(rows: dict[tuple, list[dict]], peak: dict, model: dict, args, work:
                                             "load": max(r["other_load"] for r in results)}
         s = results[0]["steps"]
         lines.append(f"| {system} | {method} | {dtype} | {trainable / 1e6:.2f} M | {cell(rates)} | "
-                     f"{cell([steady(r['steps'])[1] for r in results], 2)} | {rss:.0f} | {fpt / 1e9:.3f} | "
+                     f"{cell([steady(r['steps'])[1] for r in results], 2)} | {rss:.0f} | "
+                     f"{cell([r['steps'][0]['step_s'] for r in results], 2)} | {fpt / 1e9:.3f} | "
                      f"{mfu:.1%} | {s[0]['loss']:.3f} → {s[-1]['loss']:.3f} | "
                      f"{cell([r['other_load'] for r in results])} |")
     fill = [s["tokens"] / (args.batch * args.seq_len) for (sy, _, _), rs in rows.items() if sy == "prosa"
@@ -315,6 +325,10 @@ def markdown(rows: dict[tuple, list[dict]], peak: dict, model: dict, args, work:
                          f"{ratio:.2f}x | >= 1.3x | {'PASS' if ratio >= 1.3 else 'MISS'}{noisy(mine, tb)} |")
             lines.append(f"| prosa {name} peak RSS vs that {peer} run | {mine['rss']:.0f} vs {tb['rss']:.0f} MB | "
                          f"no more | {'PASS' if mine['rss'] <= tb['rss'] else 'MISS'}{noisy(mine, tb)} |")
+        tc = summary.get(("transformers+compile", method, "bfloat16"))
+        if mine and tc:
+            lines.append(f"| prosa {name} ({'auto' if a else 'float32'}) / {peer} with torch.compile (bf16 autocast) "
+                         f"tok/s | {mine['tok_s'] / tc['tok_s']:.2f}x | — | info{noisy(mine, tc)} |")
         if p and t:
             lines.append(f"| prosa {name} / {peer} tok/s, both float32 | {p['tok_s'] / t['tok_s']:.2f}x | — | "
                          f"info{noisy(p, t)} |")
@@ -332,8 +346,8 @@ def markdown(rows: dict[tuple, list[dict]], peak: dict, model: dict, args, work:
 def run_config(system: str, method: str, dtype: str, base: dict, args, work: dict, model: dict) -> dict:
     """One configuration in a fresh process; checks prosa's log for the fields and token counts it promises."""
     spec = {**base, "method": method, "dtype": dtype}
-    if system == "transformers":
-        r = child("hf", spec, args.timeout)
+    if system.startswith("transformers"):
+        r = child("hf", {**spec, "compile": system.endswith("compile")}, args.timeout)
         model.update({"n_matmul": r["n_matmul"], "layers": r["layers"], "attn_dim": r["attn_dim"],
                       f"{method}_trainable": r["trainable"]})
         return r
@@ -392,11 +406,12 @@ def main(argv: list[str] | None = None) -> int:
     data.write_text("".join(json.dumps({"text": s}) + "\n" for s in stories(args.stories)))
     work: dict[str, Any] = {"model_name": Path(source).name, "data": data.name, "errors": [], "dir": work_dir}
     base = {"model": model_dir, "data": str(data), "steps": args.steps, "batch": args.batch, "seq_len": args.seq_len,
-            "lr": args.lr, "seed": 0, "threads": args.threads}
+            "lr": args.lr, "seed": 0, "threads": args.threads, "compile_mode": "auto" if args.quick else "on"}
     configs = [("transformers", "lora", "float32"), ("transformers", "full", "float32")]
     prosa = [("prosa", "lora", "float32"), ("prosa", "full", "float32")]
     if not args.no_auto and native_bf16(machine()["flags"]):
-        configs += [("transformers", "lora", "bfloat16"), ("transformers", "full", "bfloat16")]
+        configs += [("transformers", "lora", "bfloat16"), ("transformers", "full", "bfloat16"),
+                    ("transformers+compile", "lora", "bfloat16"), ("transformers+compile", "full", "bfloat16")]
         prosa += [("prosa", "lora", "auto"), ("prosa", "full", "auto")]
     if prosa_has_finetune():
         configs += prosa

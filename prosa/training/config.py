@@ -15,6 +15,7 @@ from ..errors import ProsaError
 
 METHODS = ("lora", "full", "qlora")
 DTYPES = ("auto", "float32", "bfloat16")
+COMPILE = ("auto", "on", "off")
 
 
 class SettingsError(ProsaError):
@@ -70,6 +71,7 @@ class Settings:
     split_on_blank_lines: bool = False
     train_on_prompt: bool = False
     packing: bool = True
+    compile: str = "auto"                  # torch.compile of the training step: auto (runs of a minute or more), on, off
     dtype: str = "auto"                    # bfloat16 autocast where the hardware has native bf16, else float32
     threads: int | None = None
     device: str | None = None
@@ -124,6 +126,9 @@ class Settings:
         need(bool(self.data), "training data is required (a file or a folder of texts)")
         need(bool(self.out), "an output folder is required (-o OUT)")
         need(self.method in METHODS, f"--method must be one of {', '.join(METHODS)}; got {self.method!r}")
+        if isinstance(self.compile, bool):        # a YAML ``compile: true``
+            self.compile = "on" if self.compile else "off"
+        need(self.compile in COMPILE, f"--compile must be one of {', '.join(COMPILE)}; got {self.compile!r}")
         need(self.dtype in DTYPES, f"--dtype must be one of {', '.join(DTYPES)}; got {self.dtype!r}")
         need(self.quantize in ("int4", "int8"), f"--quantize (qlora's base) must be int4 or int8; got {self.quantize!r}")
         need(self.max_steps is None or self.epochs is None, "give --max-steps or --epochs, not both")

@@ -18,6 +18,8 @@ import torch
 from torch import nn
 
 from . import checkpoint as ckpt
+from . import compiled
+from .model_prep import adamw, checkpoint_blocks, frozen_in, set_threads, tie_parameters
 from .config import Settings, SettingsError
 from .data import Encoder, data_hash, prepare, read_records
 from ..weights.assemble import _trim_heap
@@ -68,6 +70,7 @@ class Run:
         self.warmup = s.warmup if s.warmup is not None else max(1, round(0.05 * self.total)) if self.total > 1 else 0
         use_bf16 = s.dtype == "bfloat16" or (s.dtype == "auto" and native_bf16(self.dist.device))
         self.amp_dtype = torch.bfloat16 if use_bf16 else None
+        self.compile, self.compile_why = False, "off"        # decided by plan(), from its time estimate
 
     def say(self, message: str) -> None:
         if self.dist.main:
@@ -117,6 +120,8 @@ class Run:
                  f"{self.dist.world} process(es), {'bfloat16 autocast' if self.amp_dtype else 'float32'} on "
                  f"{self.dist.device.type}")
         self.say(f"estimate: ~{duration(seconds)} and ~{mb:,.0f} MB of memory (rough: from the model's shapes)")
+        self.compile, self.compile_why = compiled.decide(s.compile, self.dist.device, s.method, seconds)
+        self.say(f"compile: {self.compile_why}")
 
     # ------------------------------------------------------------------------------------------------ setup
     def setup(self) -> None:
@@ -139,12 +144,13 @@ class Run:
         if s.method == "lora" and self.amp_dtype is not None:
             self.loss_head = frozen_in(model, self.amp_dtype, output_layer(model))
             _trim_heap()        # the float32 copies just dropped
+        self.compiler = compiled.Compiler(model, self.compile)
         if s.grad_checkpoint:
-            checkpoint_blocks(model)
+            checkpoint_blocks(model)        # outside the compiled forward: its recomputation runs compiled too
         self.head_name = output_layer(model)
         model.train()
         params = [p for p in {id(p): p for p in model.parameters()}.values() if p.requires_grad]
-        self.optimizer = torch.optim.AdamW(params, lr=s.peak_lr, weight_decay=s.weight_decay)
+        self.optimizer = adamw(params, s.peak_lr, s.weight_decay, self.dist.device)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(self.warmup, self.total))
         self.ddp = model
         if self.dist.world > 1:
@@ -209,7 +215,27 @@ class Run:
         return self.finish(step, train_loss, stopped_early)
 
     def optimizer_step(self, stream: Stream, step: int) -> tuple[float, int, int]:
-        """One optimizer step; returns (loss over the step's trained tokens, tokens processed, trained tokens)."""
+        """One optimizer step; returns (loss over the step's trained tokens, tokens processed, trained tokens).
+
+        The first compiled step compiles; if that fails, the failure is said once and the step runs eagerly."""
+        if self.compiler.verified:
+            return self._step(stream, step)
+        self.progress.say("compiling the training step (torch.compile, once; --compile off skips it)")
+        try:
+            out = self._step(stream, step)
+        except (KeyboardInterrupt, TrainingInterrupted, torch.OutOfMemoryError):
+            raise
+        except Exception as e:       # Dynamo / Inductor / the C++ compiler: any of them may fail on some setup
+            reason = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+            self.progress.say(f"prosa: torch.compile failed ({type(e).__name__}: {reason}); training continues "
+                              "without it (about 1.5x slower)")
+            self.compiler.disable()
+            self.optimizer.zero_grad(set_to_none=True)
+            out = self._step(stream, step)
+        self.compiler.verified = True
+        return out
+
+    def _step(self, stream: Stream, step: int) -> tuple[float, int, int]:
         s, dist = self.settings, self.dist
         rows = self.data.train.select(stream.indices(step))
         micro = [rows.select(torch.arange(o, o + self.per_micro))
@@ -221,7 +247,8 @@ class Run:
         for k, batch in enumerate(micro):
             sync = k == len(micro) - 1 or dist.world == 1
             with (contextlib.nullcontext() if sync else self.ddp.no_sync()):
-                summed, _ = loss_sum(self.ddp, self.model, self.head_name, batch, self.autocast, self.loss_head)
+                summed, _ = loss_sum(self.ddp, self.model, self.head_name, batch, self.autocast, self.loss_head,
+                                     self.compiler.loss)
                 # DDP averages gradients over processes: scale so that the result is sum / (all trained tokens)
                 (summed * (dist.world / max(count, 1))).backward()
             total_loss += float(summed.detach())
@@ -288,7 +315,7 @@ class Run:
             self.progress.plot()
             write_json(self.out / "run.json", run_record(self.settings, data_hash(self.settings.data), {
                 "model": self.ck.source, "steps": step, "total_steps": self.total, "processes": self.dist.world,
-                "device": str(self.dist.device), "autocast": str(self.amp_dtype).replace("torch.", "")
+                "device": str(self.dist.device), "compiled": self.compiler.enabled, "autocast": str(self.amp_dtype).replace("torch.", "")
                 if self.amp_dtype else "float32", "train_loss": train_loss,
                 "best_val_loss": None if math.isinf(self.best) else self.best, "best_step": self.best_step,
                 "stopped_early": stopped_early, "finished": time.strftime("%Y-%m-%dT%H:%M:%S")}))
@@ -297,66 +324,6 @@ class Run:
         self.dist.barrier()
         return Result(self.out, step, train_loss, None if math.isinf(self.best) else self.best, self.best_step,
                       stopped_early)
-
-
-def frozen_in(model: nn.Module, dtype: torch.dtype, head_name: str) -> nn.Module:
-    """Store the frozen base weights of the adapters in ``dtype`` (the autocast dtype), so that autocast does not
-    cast every weight again at every step (it caches casts of trained leaves only): half the memory and traffic.
-    The exported model is unaffected (it is the source's weights plus the adapters' changes).
-
-    Returns:
-        a frozen ``dtype`` copy of the output layer for the loss (the model keeps its own, tied to the embedding).
-    """
-    from .lora import LoRALinear
-
-    for mod in model.modules():
-        if isinstance(mod, LoRALinear) and isinstance(mod.base, nn.Linear):
-            mod.base.to(dtype)
-    head = model.get_submodule(head_name)
-    copy = nn.Linear(head.in_features, head.out_features, bias=head.bias is not None, device="meta")
-    copy.weight = nn.Parameter(head.weight.detach().to(dtype), requires_grad=False)
-    if head.bias is not None:
-        copy.bias = nn.Parameter(head.bias.detach().to(dtype), requires_grad=False)
-    return copy
-
-
-def set_threads(threads: int | None) -> None:
-    """CPU threads for this process: ``threads``, else the cores shared among the processes on this machine."""
-    import os
-
-    if threads:
-        torch.set_num_threads(threads)
-    elif int(os.environ.get("LOCAL_WORLD_SIZE", "1")) > 1:
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-        torch.set_num_threads(max(1, cores // int(os.environ["LOCAL_WORLD_SIZE"])))
-
-
-def tie_parameters(model: nn.Module) -> None:
-    """Make a tied output layer use the embedding's Parameter itself (one parameter, trained once)."""
-    by_ptr: dict[int, list[str]] = {}
-    for name, p in model.named_parameters(remove_duplicate=False):
-        by_ptr.setdefault(p.data_ptr(), []).append(name)
-    for names in by_ptr.values():
-        if len(names) > 1:
-            first = model.get_parameter(names[0])
-            for other in names[1:]:
-                holder, _, leaf = other.rpartition(".")
-                setattr(model.get_submodule(holder), leaf, first)
-
-
-def checkpoint_blocks(model: nn.Module) -> None:
-    """Recompute each block's activations in backward instead of keeping them (``--grad-checkpoint``)."""
-    from torch.utils.checkpoint import checkpoint
-
-    blocks = next(m for m in model.modules() if isinstance(m, nn.ModuleList))
-    for block in blocks:
-        forward = block.forward
-
-        def wrapped(*args, _f=forward, **kwargs):
-            if torch.is_grad_enabled():
-                return checkpoint(_f, *args, use_reentrant=False, **kwargs)
-            return _f(*args, **kwargs)
-        block.forward = wrapped
 
 
 def finetune(data: str | Path, out: str | Path, model: str | None = None, *, config: str | Path | None = None,

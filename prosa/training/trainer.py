@@ -13,14 +13,14 @@ import math
 import os
 import signal
 import threading
-from typing import Any
+from typing import Any, Callable
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..errors import ProsaError
 from .attention import PackedAttention
+from .compiled import chunk_loss
 from .data import IGNORE, Rows
 
 LOSS_CHUNK = 2048     # trained tokens whose logits are made at once; more are made chunk by chunk, recomputed in
@@ -79,18 +79,15 @@ def hidden_states(model: nn.Module, name: str):
         setattr(model, name, head)
 
 
-def _chunk_loss(head: nn.Module, h: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    return F.cross_entropy(head(h).float(), y, reduction="sum")
-
-
 def loss_sum(forward: nn.Module, model: nn.Module, head_name: str, rows: Rows, autocast,
-             head: nn.Module | None = None) -> tuple[torch.Tensor, int]:
+             head: nn.Module | None = None, chunk: Callable = chunk_loss) -> tuple[torch.Tensor, int]:
     """Summed cross-entropy over the trained tokens of ``rows`` and their count.
 
     Args:
         forward: what runs the rows (the model, or its DDP wrapper); model: the model itself.
         autocast: a context factory (autocast or nullcontext).
         head: the output layer to apply (default: the model's own).
+        chunk: the summed loss of one chunk, ``chunk(head, h, y)`` (``compiled.chunk_loss`` or its compiled form).
 
     Only trained positions get logits: the hidden states (B, T, C) are gathered at labelled positions (N, C) and
     the output layer runs on those alone, in checkpointed chunks when there are many.
@@ -104,12 +101,12 @@ def loss_sum(forward: nn.Module, model: nn.Module, head_name: str, rows: Rows, a
         h, y = h[keep], labels[keep]                                # (N, C), (N,)
         n = y.numel()
         if n <= LOSS_CHUNK or not torch.is_grad_enabled():
-            total = sum((_chunk_loss(head, h[i:i + LOSS_CHUNK], y[i:i + LOSS_CHUNK])
+            total = sum((chunk(head, h[i:i + LOSS_CHUNK], y[i:i + LOSS_CHUNK])
                          for i in range(0, n, LOSS_CHUNK)), torch.zeros((), device=device))
         else:
             from torch.utils.checkpoint import checkpoint
 
-            total = sum((checkpoint(_chunk_loss, head, h[i:i + LOSS_CHUNK], y[i:i + LOSS_CHUNK], use_reentrant=False)
+            total = sum((checkpoint(chunk, head, h[i:i + LOSS_CHUNK], y[i:i + LOSS_CHUNK], use_reentrant=False)
                          for i in range(0, n, LOSS_CHUNK)), torch.zeros((), device=device))
     return total, n
 
