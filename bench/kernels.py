@@ -134,9 +134,40 @@ def candidates() -> dict[str, Candidate]:
     except Exception as e:  # noqa: BLE001
         print(f"# prosa.quant not importable ({e}); prosa kernels skipped", file=sys.stderr)
     else:
-        for name, (prep, run) in quant.bench_candidates().items():
-            c[name] = (prep, run)
+        c.update(prosa_candidates(quant))
     return c
+
+
+def prosa_candidates(quant) -> dict[str, Candidate]:
+    """The prosa C++ kernels of ``quant`` (``prosa.quant``; compiled now if need be), called directly per format,
+    and once through the whole ``QuantizedLinear`` forward (its Python overhead included). Empty when the kernels
+    cannot be built."""
+    out: dict[str, Candidate] = {}
+    try:
+        ext = quant.build_kernels()
+    except RuntimeError as e:
+        print(f"# prosa kernels unavailable: {e}", file=sys.stderr)
+        return out
+
+    def nbytes(mod):
+        return sum(b.numel() * b.element_size() for b in mod.buffers())
+
+    for bits, g, label in ((8, 32, "int8 g32"), (8, None, "int8 per-ch"), (4, 32, "int4 g32"), (4, 64, "int4 g64")):
+        def prep(w, bits=bits, g=g):
+            # symmetric int8: the codes linear_int8 below reads (prosa's default int8 is asymmetric, with mins)
+            mod = quant.QuantizedLinear.from_float(w, None, bits, g, backend="prosa", symmetric=bits == 8)
+            return mod, nbytes(mod)
+        if bits == 8:
+            def run(x, mod):
+                return ext.linear_int8(x, mod.qweight, mod.scales, None, mod.out_features, mod.group_size)
+        else:
+            def run(x, mod):
+                return ext.linear_int4(x, mod.qweight, mod.scales, mod.mins, None, mod.out_features, mod.group_size)
+        out[f"prosa {label} ({ext.isa()})"] = (prep, run)
+    out["prosa int4 g32 QuantizedLinear()"] = (
+        lambda w: (lambda mod: (mod, nbytes(mod)))(quant.QuantizedLinear.from_float(w, None, 4, 32, backend="prosa")),
+        lambda x, mod: mod(x))
+    return out
 
 
 def _inner_tensors(t: torch.Tensor) -> list[torch.Tensor]:

@@ -14,7 +14,8 @@ import time
 import pytest
 
 import prosa
-from prosa.chat import Chat, SpeakerLines, _generate_many, _options, _SpeakerFilter, _Trim, check_settings, reply
+from prosa.chat import Chat, ChatNotice, SpeakerLines, conversation_prompt
+from prosa.chat.transcript import _SpeakerFilter, _Trim
 from prosa.chat_template import apply_chat_template
 from prosa.errors import ProsaError
 
@@ -105,6 +106,40 @@ def test_template_errors_are_one_line(tiny_folders):
     with pytest.raises(ProsaError, match="roles must alternate"):
         chat.send("b")                                    # user, user: the template raises
     assert chat.history == [{"role": "user", "content": "a"}]   # the failed message left no trace
+
+
+# ChatML that insists on a system message: prompts render, the probe for the end-of-turn marker (user, assistant)
+# raises
+SYSTEM_FIRST = ("{% if messages[0]['role'] != 'system' %}{{ raise_exception('a system message must come first') }}"
+                "{% endif %}" + CHATML)
+
+
+def test_a_template_failing_the_end_of_turn_probe_says_so_once(tiny_folders, tmp_path):
+    """The reply loses the template's end-of-turn stop string: the user hears why once per process, not every
+    turn nor every chat; ``conversation_prompt`` (prosa serve) warns the same way."""
+    folder = tmp_path / "system_first"
+    shutil.copytree(tiny_folders["chatml"], folder)
+    cfg = json.loads((folder / "tokenizer_config.json").read_text())
+    cfg["chat_template"] = SYSTEM_FIRST
+    (folder / "tokenizer_config.json").write_text(json.dumps(cfg))
+    lm = prosa.load(folder, dtype="float32")
+    msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hi"}]
+    assert conversation_prompt(lm, msgs, template=CHATML)[1] == ["<|im_end|>"]   # what a working template gives
+
+    notices: list[str] = []
+    chat = Chat(lm, system="Be brief.", max_new_tokens=3, temperature=0, on_notice=notices.append)
+    chat.send("hi")
+    chat.send("again")
+    Chat(lm, system="Be brief.", max_new_tokens=3, temperature=0, on_notice=notices.append).send("hi")
+    assert len(notices) == 1, notices
+    assert "a system message must come first" in notices[0] and "end-of-turn marker is unknown" in notices[0]
+    assert conversation_prompt(lm, msgs)[1] == []          # reported already: no second word
+
+    other = SYSTEM_FIRST + "{# another template #}"
+    with pytest.warns(ChatNotice, match="a system message must come first") as caught:
+        assert conversation_prompt(lm, msgs, template=other)[1] == []
+        conversation_prompt(lm, msgs, template=other)
+    assert len([w for w in caught if issubclass(w.category, ChatNotice)]) == 1
 
 
 def test_template_rendering_matches_transformers_bundled(bundled_lm, bundled_hf):
@@ -273,15 +308,25 @@ def _check_transcript_reply(text, eos_at_once, user="You"):
 
 
 def test_transcript_replies_never_hold_speaker_lines(bundled_lm):
-    """50 seeded sampled replies (5 user messages x 10 seeds, decoded as one batch) plus 2 streamed ones."""
+    """50 seeded sampled replies (5 user messages x 10 seeds, from chats run side by side so the engine batches
+    them), streamed: what streams is what is kept, and no reply holds a speaker line."""
+    from concurrent.futures import ThreadPoolExecutor
+
     prefix = [{"role": "user", "content": "Hi! Who are you?"},
               {"role": "assistant", "content": "I am a friendly assistant."}]
     messages = ["Tell me about your day.", "What do you like to eat?", "Write a short poem.",
                 "Where do you live?", "Why is the sky blue?"]
-    opts = _options(bundled_lm, True, None, "You", "He")
-    settings = check_settings({"seed": 100, "temperature": 1.0, "max_new_tokens": 16})
-    conversations = [prefix + [{"role": "user", "content": msg}] for msg in messages]
-    outcomes = [o for row in _generate_many(bundled_lm, conversations, opts, settings, 10, print) for o in row]
+
+    def one(job):
+        message, seed = job
+        chat = Chat(bundled_lm, transcript=True, seed=seed, temperature=1.0, max_new_tokens=16)
+        chat.history = [dict(m) for m in prefix]
+        pieces = list(chat.stream(message))
+        assert "".join(pieces) == chat.history[-1]["content"] == chat.last_outcome.text
+        return chat.last_outcome
+
+    with ThreadPoolExecutor(max_workers=50) as pool:
+        outcomes = list(pool.map(one, [(msg, 100 + s) for msg in messages for s in range(10)]))
     assert len(outcomes) == 50
     for o in outcomes:
         _check_transcript_reply(o.text, o.eos_at_once)
@@ -289,13 +334,6 @@ def test_transcript_replies_never_hold_speaker_lines(bundled_lm):
     assert len({o.text for o in outcomes}) > 40
     assert outcomes[0].prompt == bundled_lm.tokenizer.encode(
         "You: Hi! Who are you?\nHe: I am a friendly assistant.\nYou: Tell me about your day.\nHe:")
-    # the streaming path (Chat) follows the same rules; what streams is what is kept
-    for seed in range(2):
-        chat = Chat(bundled_lm, transcript=True, seed=seed, temperature=1.0, max_new_tokens=12)
-        chat.history = [dict(m) for m in prefix]
-        pieces = list(chat.stream(messages[seed]))
-        assert "".join(pieces) == chat.history[-1]["content"]
-        _check_transcript_reply(chat.history[-1]["content"], chat.last_outcome.eos_at_once)
 
 
 def test_transcript_empty_first_line_is_drawn_again(tiny_folders, monkeypatch):
@@ -344,12 +382,9 @@ def test_chat_api(tiny_lm, tmp_path):
     assert new != old and chat.history[-1]["content"] == new and chat.history[-2]["content"] == "second"
     assert [m["role"] for m in chat.undo()] == ["user", "assistant"] and len(chat.history) == 2
 
-    # a fresh chat with the same seed replays the conversation; reply() answers a message list the same way
+    # a fresh chat with the same seed replays the conversation
     again = Chat(tiny_lm, system="Be brief.", seed=3, temperature=0.9, max_new_tokens=8, template=COMPACT)
     assert again.send("hello") == r1
-    msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hello"}]
-    assert reply(tiny_lm, msgs, seed=3, temperature=0.9, max_new_tokens=8, template=COMPACT) == r1
-    assert len(reply(tiny_lm, msgs, n=3, seed=3, temperature=0.9, max_new_tokens=8, template=COMPACT)) == 3
 
     # settings
     chat.set("top_p", 0.9)
@@ -408,8 +443,7 @@ def test_once_and_stdin(tiny_folders):
     piped = _run(["-m", folder, "--max-new-tokens", "5", "--seed", "1", "--temperature", "0.9"], input="hello\n")
     assert piped.returncode == 0 and piped.stdout == once.stdout
     lm = prosa.load(folder)
-    assert once.stdout == reply(lm, [{"role": "user", "content": "hello"}], max_new_tokens=5, seed=1,
-                                temperature=0.9) + "\n"
+    assert once.stdout == Chat(lm, max_new_tokens=5, seed=1, temperature=0.9).send("hello") + "\n"
 
 
 @pytest.mark.parametrize("args, message", [

@@ -28,7 +28,8 @@ from prosa.errors import UnsupportedModelError
 from prosa.loader import open_checkpoint
 from prosa.quant import QuantizedLinear, dequantize_int, quantize_int4, quantize_int8
 from prosa.weights.gguf import load_gguf
-from prosa.weights.gguf_export import _q4_1, _q8_0, check_output, export_gguf
+from prosa.weights.gguf_export import check_output, export_gguf
+from prosa.weights.gguf_export_tensors import _q4_1, _q8_0
 
 ROOT = Path(__file__).resolve().parent.parent
 ARCHS = ["gpt2", "llama_linear", "qwen2", "llama3"]   # llama3: untied, head_dim 32 != 64/4, biases, rope_freqs
@@ -278,7 +279,7 @@ def byte_level(regex: str | None = None, digits: bool = False, prefix: bool = Fa
 def test_pre_tokenizer_is_found(source, tmp_path, pre):
     """The pre-tokenizer name llama.cpp needs is the one that splits text as the source's tokenizer.json does;
     a split none of them makes (GPT-2 with add_prefix_space) is refused."""
-    from prosa.weights.gguf import _LLAMA3_SPLIT, _QWEN2_SPLIT
+    from prosa.weights.gguf_tokenizer import _LLAMA3_SPLIT, _QWEN2_SPLIT
 
     folder = shutil.copytree(source("gpt2"), tmp_path / "m")
     spec = json.loads((folder / "tokenizer.json").read_text())

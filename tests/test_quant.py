@@ -6,18 +6,24 @@ Tolerances are relative errors ``|y - ref| / |ref|`` (Frobenius norms) on random
   values, aten's kernels run in bfloat16; measured ~0.4% and ~0.25%);
 - prosa AVX-512 vs its portable scalar path: <= 1e-5 (same integer sums, float order differs).
 
-The prosa C++ kernels are tested only when a build is cached (``python -c "import prosa.quant as q;
-q.build_kernels()"`` builds it, ~1 min); the rest runs everywhere.
+The prosa C++ kernels are tested only when they load (built by `make setup`, or ``python -c "import prosa.quant as q;
+q.build_kernels()"``, ~1 min); the rest runs everywhere.
 """
 from __future__ import annotations
+
+import sys
+import warnings
 
 import numpy as np
 import pytest
 import torch
 from torch import nn
 
+import prosa
 from prosa import quant
-from prosa.quant import QuantizedLinear
+from prosa.quant import KernelsUnavailableWarning, QuantizedLinear
+from prosa.quant import extension
+from prosa.quant.layout import _aten_int4_ok
 
 EXT = quant.kernels(build=False)
 needs_ext = pytest.mark.skipif(EXT is None, reason="prosa kernels not built (prosa.quant.build_kernels())")
@@ -44,7 +50,7 @@ def linear(n: int, k: int, bias: bool = True, seed: int = 0) -> nn.Linear:
 
 def supported(backend: str, bits: int, group, n: int, k: int) -> bool:
     if backend == "aten":
-        return (bits == 8 and group is None) or (bits == 4 and quant._aten_int4_ok(n, k, group))
+        return (bits == 8 and group is None) or (bits == 4 and _aten_int4_ok(n, k, group))
     return True
 
 
@@ -111,7 +117,7 @@ def test_backends_hold_the_same_integers(bits, group, sym):
     for backend in ["prosa"] * (EXT is not None) + ["aten"] * HAS_ATEN4:
         if not supported(backend, bits, group, 208, 256) or (backend == "aten" and bits == 8 and not sym):
             continue
-        other = ref.to_backend(backend)
+        other = QuantizedLinear.from_int(q0, d0, m0, None, backend, bits=bits)   # the same integers, repacked
         q1, d1, m1 = other.to_int()
         assert torch.equal(q1, q0)
         if backend == "prosa":  # fp16 scales kept exactly; aten's are bfloat16
@@ -131,6 +137,12 @@ def test_bad_arguments():
 
 
 # ------------------------------------------------------------------------------------------------------ GGUF
+def from_gguf(raw, ggml_type, shape, backend="auto") -> QuantizedLinear:
+    """A layer from GGUF blocks as the loader makes one (prosa.weights): the integers, no float round trip."""
+    bits, q, d, m = quant.gguf_to_int(raw, ggml_type, shape)
+    return QuantizedLinear.from_int(q, d, m, None, backend, bits=bits)
+
+
 @pytest.mark.parametrize("kind", ["Q8_0", "Q4_0", "Q4_1"])
 @pytest.mark.parametrize("backend", ["torch", pytest.param("prosa", marks=needs_ext)])
 def test_gguf_blocks_repack_exactly(kind, backend):
@@ -141,14 +153,10 @@ def test_gguf_blocks_repack_exactly(kind, backend):
     w = (rng.standard_normal((40, 96)) * 0.05 + rng.standard_normal((40, 1)) * 0.02).astype(np.float32)
     raw = quants.quantize(w, T[kind])
     expected = torch.from_numpy(quants.dequantize(raw, T[kind]))
-    q = QuantizedLinear.from_gguf(raw, kind, (40, 96), backend=backend)
+    q = from_gguf(raw, kind, (40, 96), backend=backend)
     assert (q.bits, q.group_size) == ((8, 32) if kind == "Q8_0" else (4, 32))
-    got = q.dequantize()
-    torch.testing.assert_close(got, expected, rtol=2e-7, atol=1e-9)
-    # row reordering (llama.cpp's Q/K permutation is undone this way)
-    order = torch.randperm(40)
-    q2 = QuantizedLinear.from_gguf(raw, T[kind], (40, 96), row_order=order, backend=backend)
-    torch.testing.assert_close(q2.dequantize(), expected[order], rtol=2e-7, atol=1e-9)
+    torch.testing.assert_close(q.dequantize(), expected, rtol=2e-7, atol=1e-9)
+    assert torch.equal(from_gguf(raw, T[kind], (40, 96), backend=backend).dequantize(), q.dequantize())  # enum = name
     x = torch.randn(2, 96)
     with torch.inference_mode():
         assert rel(q(x), x @ expected.t()) < (1e-5 if backend == "torch" else 0.01)
@@ -171,7 +179,7 @@ def test_gguf_bundled_tensors(bundled_gguf):
         rows = t.data[:256] if kind == "Q8_0" else t.data  # a slice of the 49152-row embedding is enough
         shape = (rows.shape[0], shape[1])
         expected = torch.from_numpy(quants.dequantize(rows, t.tensor_type)).reshape(shape)
-        q = QuantizedLinear.from_gguf(rows, t.tensor_type, shape, backend="torch")
+        q = from_gguf(rows, t.tensor_type, shape, backend="torch")
         torch.testing.assert_close(q.dequantize(), expected, rtol=2e-7, atol=1e-9)
 
 
@@ -211,12 +219,15 @@ def test_quantize_model_keeps_logits(mode, lm_head, tol):
 
 
 def test_quantize_model_options():
-    model = quant.quantize_model(tiny_llama(), "int4", 32, lm_head=None, skip={"model.layers.0.mlp.down_proj"},
-                                 backend="torch")
+    model = quant.quantize_model(tiny_llama(), "int4", 32, lm_head=None, backend="torch")
     assert isinstance(model.model.layers[0].self_attn.o_proj, QuantizedLinear)
+    assert model.model.layers[1].mlp.down_proj.backend == "torch"
     assert isinstance(model.lm_head, nn.Linear)
-    assert isinstance(model.model.layers[0].mlp.down_proj, nn.Linear)
-    assert isinstance(model.model.layers[1].mlp.down_proj, QuantizedLinear)
+    # int4 layers whose in_features the group does not divide stay float; int8 ones fall back to per-channel
+    model = quant.quantize_model(tiny_llama(), "int4", 128, lm_head="int8", backend="torch")
+    assert isinstance(model.model.layers[0].self_attn.o_proj, nn.Linear)           # in_features 64
+    assert model.model.layers[0].mlp.down_proj.group_size == 128                    # in_features 128
+    assert (model.lm_head.bits, model.lm_head.group_size) == (8, 64)                # per-channel
     with pytest.raises(ValueError):
         quant.quantize_model(tiny_llama(), "int3")
 
@@ -238,5 +249,44 @@ def test_q4_k_blocks_repack_with_float16_scales():
     assert bits == 4 and q.max() <= 15 and d.shape == m.shape == (n, k // 32)
     w = quant.dequantize_int(q, d, m)
     assert (w - ref).abs().max() <= 1e-3 * ref.abs().max()
-    lin = QuantizedLinear.from_gguf(raw, Q.Q4_K, (n, k))
+    lin = from_gguf(raw, Q.Q4_K, (n, k))
     assert torch.equal(lin.dequantize(), w)
+
+
+# ------------------------------------------------------------------------------------------- kernel fallback
+@pytest.fixture
+def without_kernels(monkeypatch, tmp_path):
+    """A process as it would be without prosa._qlinear: the import fails, no cached build, nothing said yet."""
+    monkeypatch.setattr(extension, "_ext", None)
+    monkeypatch.setattr(extension, "_ext_error", None)
+    monkeypatch.setattr(extension, "_said", False)
+    monkeypatch.delattr(prosa, "_qlinear", raising=False)
+    monkeypatch.setitem(sys.modules, "prosa._qlinear", None)   # `from .. import _qlinear` raises ImportError
+    monkeypatch.setenv("PROSA_KERNEL_DIR", str(tmp_path))       # an empty build cache
+    for name in ("PROSA_KERNELS", "PROSA_BUILD_KERNELS"):
+        monkeypatch.delenv(name, raising=False)
+
+
+def test_missing_kernels_are_said_once(without_kernels):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert quant.kernels() is None
+        layer = QuantizedLinear.from_float(torch.randn(32, 64), None, 4, 32)   # auto: asks for the kernels again
+        assert layer.backend != "prosa"
+        assert quant.kernels() is None
+    said = [w for w in caught if issubclass(w.category, KernelsUnavailableWarning)]
+    assert len(said) == 1, [str(w.message) for w in caught]
+    message = str(said[0].message)
+    assert "prosa._qlinear: ModuleNotFoundError" in message                  # what failed
+    assert extension.FALLBACK_COST in message and "make setup" in message  # what it costs, how to fix it
+
+
+def test_kernels_off_on_purpose_are_silent(without_kernels, monkeypatch):
+    monkeypatch.setenv("PROSA_KERNELS", "0")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert quant.kernels() is None
+        assert QuantizedLinear.from_float(torch.randn(32, 64), None, 4, 32).backend != "prosa"
+    assert not [w for w in caught if issubclass(w.category, KernelsUnavailableWarning)]
+    with pytest.raises(RuntimeError, match="PROSA_KERNELS=0"):
+        quant.build_kernels()

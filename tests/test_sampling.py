@@ -8,7 +8,9 @@ import pytest
 import torch
 
 from prosa import sampling as S
-from prosa.sampling import SamplingParams, TokenHistory, apply, make_generators, make_logits_processors, make_sampler
+from prosa.sampling import SamplingParams, TokenHistory, apply, make_logits_processors, make_sampler
+from prosa.sampling.params import check_temperature
+from prosa.sampling.sampler import draw
 
 INF = float("inf")
 
@@ -19,6 +21,18 @@ def history(prompts, vocab=10, generated=()):
     for step in generated:
         h.append(torch.tensor(step))
     return h
+
+
+def make_generators(seeds) -> list[torch.Generator]:
+    """One seeded CPU generator per row (what ``prosa.engine`` gives each sample)."""
+    return [torch.Generator().manual_seed(int(s)) for s in seeds]
+
+
+def sample(params, logits: torch.Tensor, generators) -> torch.Tensor:
+    """The tokens ``make_sampler(params)`` picks; every row must have had something to pick."""
+    tokens, dead = make_sampler(params).pick(logits, generators)
+    assert dead is None, dead
+    return tokens
 
 
 def kept(logits: torch.Tensor) -> list[list[int]]:
@@ -189,7 +203,7 @@ def test_greedy_rows_feel_penalties_and_bans_but_not_warpers():
     assert torch.equal(out, logits)                       # typical_p would have dropped token 1; not for greedy
     banned = SamplingParams(temperature=0, bad_words_ids=((2,),), repetition_penalty=10.0, logit_bias={3: 1.5})
     out = apply(make_logits_processors([banned, greedy], [0], 5), logits, h)
-    assert make_sampler([banned, greedy])(out, make_generators([0, 0])).tolist() == [3, 1]
+    assert sample([banned, greedy], out, make_generators([0, 0])).tolist() == [3, 1]
 
 
 def test_mixed_rows_in_one_batch():
@@ -202,58 +216,34 @@ def test_mixed_rows_in_one_batch():
     assert kept(out) == [[2], [0, 1, 2, 3], [0, 1, 2, 3], [1, 2]]
     assert torch.equal(out[1], logits[1])
     assert out[2, 2] == 3.0 / 100
-    tokens = make_sampler(params)(out, make_generators(range(4)))
+    tokens = sample(params, out, make_generators(range(4)))
     assert tokens[0] == 2 and tokens[2] == 1 and tokens[3] in (1, 2)
 
 
-# -- selecting rows --------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("materialise_first", [True, False])
-def test_history_select_matches_a_fresh_history(materialise_first):
-    prompts = [[1, 2], [3], [4, 5, 6, 7]]
-    steps = [[1, 8, 9], [2, 8, 9], [1, 1, 1]]
-    h = history(prompts, 10, steps)
-    if materialise_first:
-        h.seen, h.counts
-    h.select(torch.tensor([2, 0, 0]))
-    h.append(torch.tensor([3, 4, 5]))
-    fresh = history([prompts[2], prompts[0], prompts[0]], 10, [[s[2], s[0], s[0]] for s in steps] + [[3, 4, 5]])
-    assert h.tokens == fresh.tokens == [[4, 5, 6, 7, 9, 9, 1, 3], [1, 2, 1, 2, 1, 4], [1, 2, 1, 2, 1, 5]]
-    assert torch.equal(h.seen, fresh.seen) and torch.equal(h.counts, fresh.counts)
-    assert torch.equal(h.ids, fresh.ids)               # leading all-padding columns were dropped
-    assert h.num_generated.tolist() == [4, 4, 4] and h.lengths.tolist() == [8, 6, 6]
-    assert h.prompt_lengths.tolist() == [4, 2, 2]
-
-
+# -- token history ---------------------------------------------------------------------------------------------------
 def test_history_grows_past_its_buffer_and_handles_empty_prompts():
     h = history([[], [1]], 5)
     for i in range(40):
         h.append(torch.tensor([i % 5, 4]))
-    assert h.tokens[0] == [i % 5 for i in range(40)] and h.tokens[1] == [1] + [4] * 40
+    assert h.ids[0].tolist() == [-1] + [i % 5 for i in range(40)] and h.ids[1].tolist() == [1] + [4] * 40
     assert h.counts[0].tolist() == [8] * 5 and h.seen[1].tolist() == [False, True, False, False, True]
 
 
-def test_processor_select_equals_rebuilding():
-    params = [SamplingParams(top_k=2, repetition_penalty=1.5, bad_words_ids=((3, 4),), logit_bias={1: 2.0},
-                             min_new_tokens=2, no_repeat_ngram_size=2),
-              SamplingParams(temperature=0.5, top_p=0.7, typical_p=0.8, presence_penalty=1.0, frequency_penalty=0.5),
-              SamplingParams(temperature=0, min_p=0.3, no_repeat_ngram_size=3)]
-    procs = make_logits_processors(params, [0], 8)
-    index = [2, 0, 0, 1]
-    rebuilt = make_logits_processors([params[i] for i in index], [0], 8)
-    h = history([[3, 1, 2, 3], [1], [2, 2, 5, 2, 2]], 8, [[4, 5, 5], [3, 6, 5]])
-    h.select(index)
-    logits = torch.randn(4, 8, generator=torch.Generator().manual_seed(0))
-    selected = S.select(procs, torch.tensor(index))
-    assert [p.name for p in selected] == [p.name for p in rebuilt]
-    assert_same(apply(selected, logits, h), apply(rebuilt, logits, h), atol=0)
-    assert make_sampler(params).select(index).greedy_rows == (True, False, False, False)
+def test_history_counts_only_the_generated_ids():
+    """Rows joining a running batch bring ids they generated before: counts cover those, seen covers all."""
+    h = TokenHistory([[1, 2, 3, 3], [4, 2]], 5, generated=[2, 0])
+    assert h.counts.tolist() == [[0, 0, 0, 2, 0], [0] * 5] and h.num_generated.tolist() == [2, 0]
+    assert h.seen.tolist() == [[False, True, True, True, False], [False, False, True, False, True]]
+    h.append(torch.tensor([2, 2]))
+    assert h.counts.tolist() == [[0, 0, 1, 2, 0], [0, 0, 1, 0, 0]] and h.num_generated.tolist() == [3, 1]
+    with pytest.raises(ValueError, match="generated"):
+        TokenHistory([[1, 2]], 5, generated=[3])
 
 
 # -- the sampler -----------------------------------------------------------------------------------------------------
 def test_greedy_ties_take_the_lowest_id():
     logits = torch.tensor([[1.0, 3.0, 3.0, 2.0], [5.0, 5.0, 5.0, 5.0]])
-    assert make_sampler([SamplingParams(temperature=0)] * 2)(logits, []).tolist() == [1, 0]
-    assert S.greedy(logits).tolist() == [1, 0]
+    assert sample([SamplingParams(temperature=0)] * 2, logits, []).tolist() == [1, 0]
 
 
 def test_a_rows_sample_does_not_depend_on_the_batch():
@@ -270,7 +260,7 @@ def test_a_rows_sample_does_not_depend_on_the_batch():
         out = []
         for _ in range(20):
             x = apply(make_logits_processors(ps, [0], 30), logits[rows], h)
-            t = make_sampler(ps)(x, gens)
+            t = sample(ps, x, gens)
             h.append(t)
             out.append(t)
         return torch.stack(out, 1)
@@ -284,17 +274,20 @@ def test_a_rows_sample_does_not_depend_on_the_batch():
 
 def test_zero_probability_tokens_are_never_drawn():
     logits = torch.tensor([[-INF, 0.0, -INF, 0.0, -INF]]).repeat(2000, 1)
-    tokens = make_sampler([SamplingParams()] * 2000)(logits, make_generators(range(2000)))
+    tokens = sample([SamplingParams()] * 2000, logits, make_generators(range(2000)))
     assert set(tokens.tolist()) == {1, 3}
     assert 900 < int((tokens == 1).sum()) < 1100
     gen = torch.Generator().manual_seed(0)
     one = torch.tensor([[-INF, -INF, 7.0]])
-    assert all(int(make_sampler([SamplingParams()])(one, [gen])) == 2 for _ in range(50))
+    assert all(int(sample([SamplingParams()], one, [gen])) == 2 for _ in range(50))
 
 
-def test_a_fully_banned_row_raises():
-    with pytest.raises(ValueError, match="sequence 1"):
-        make_sampler([SamplingParams()] * 2)(torch.tensor([[0.0, 1.0], [-INF, -INF]]), make_generators([0, 1]))
+def test_rows_with_nothing_to_pick_are_reported_not_drawn():
+    logits = torch.tensor([[0.0, 1.0], [-INF, -INF], [float("nan")] * 2])
+    params = [SamplingParams(), SamplingParams(), SamplingParams(temperature=0)]
+    tokens, dead = make_sampler(params).pick(logits, make_generators([0, 1, 2]))
+    assert dead.tolist() == [False, True, True] and tokens[0] in (0, 1)
+    assert make_sampler(params[:1]).pick(logits[:1], make_generators([0]))[1] is None
 
 
 def chi2_sf(stat: float, dof: int) -> float:
@@ -326,7 +319,7 @@ def test_sampled_distribution_matches_the_filtered_one():
     seeds = torch.randint(0, 2**62, (n,), generator=torch.Generator().manual_seed(5)).tolist()
     x = apply(make_logits_processors(params[:1], [], 50), logits[None], history([[0]], 50))
     assert kept(x) == [sorted(top[:n_keep].tolist())]
-    tokens = make_sampler(params)(x.expand(n, 50), make_generators(seeds))
+    tokens = sample(params, x.expand(n, 50), make_generators(seeds))
     counts = torch.bincount(tokens, minlength=50).double()
     assert counts[p == 0].sum() == 0
     # bins with expected count >= 5; the rest pooled into one bin
@@ -477,9 +470,9 @@ def test_params_normalise_and_stay_hashable():
     assert hash(p) == hash(SamplingParams(temperature=1.0, top_k=3, bad_words_ids=((1, 2), (3,)), logit_bias={4: 1.0}))
     assert SamplingParams(logit_bias={}).logit_bias is None
     assert SamplingParams(temperature=0).greedy and not SamplingParams(temperature=0.1).greedy
-    assert S.check_temperature(0) == 0.0
+    assert check_temperature(0) == 0.0
     with pytest.raises(ValueError, match="temperature"):
-        S.check_temperature(-1)
+        check_temperature(-1)
 
 
 def test_factories_check_their_arguments():
@@ -523,9 +516,9 @@ def test_compiled_draw_equals_the_pytorch_draw(monkeypatch):
         logits[logits < -1.5] = float("-inf")
         logits[:, 0] = torch.where(torch.isinf(logits).all(-1), torch.zeros(6), logits[:, 0])
         seeds = [trial * 10 + i for i in range(6)]
-        fast = S.draw(logits, make_generators(seeds))
+        fast = draw(logits, make_generators(seeds))
         monkeypatch.setattr(quant, "kernels", lambda: None)
-        slow = S.draw(logits, make_generators(seeds))
+        slow = draw(logits, make_generators(seeds))
         monkeypatch.undo()
         assert torch.equal(fast, slow), trial
         assert bool((logits.gather(1, fast[:, None]) > float("-inf")).all())

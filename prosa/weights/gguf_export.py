@@ -14,16 +14,17 @@ as ``tokenizer.ggml.*`` (a GGUF source's tokenizer and ``general.*`` keys are co
 
 Written under a temporary name next to OUT, read back with prosa's reader (the model settings and the tokenizer must
 come back unchanged), then renamed over OUT.
+
+The writer's parts, each importing only the reader (``gguf``, ``gguf_config``, ``gguf_tokenizer``) and ``prosa.quant``:
+``gguf_export_config`` (architecture check, ``{arch}.*`` keys, ``rope_freqs``), ``gguf_export_tokenizer``
+(``tokenizer.*`` keys), ``gguf_export_tensors`` (the tensor plan and block encoding); this module writes the file.
 """
 from __future__ import annotations
 
-import json
 import math
 import os
-import re
 import time
 from collections import Counter
-from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -31,25 +32,17 @@ from typing import Any
 import numpy as np
 import torch
 from gguf import GGMLQuantizationType as Q
-from gguf import GGUFWriter, LlamaFileType, RopeScalingType
+from gguf import GGUFWriter, LlamaFileType
 
 from ..errors import CorruptModelError, UnsupportedModelError
-from ..quant import quantize_int4, quantize_int8
+from .gguf import load_gguf
+from .gguf_export_config import EXPORTABLE, _architecture, _config_metadata, _rope_freqs
+from .gguf_export_tensors import _BYTES, _encode, _plan
+from .gguf_export_tokenizer import _same_tokenizer, _tokenizer_metadata
 
-# the reader's own rebuilds (tokenizer, llama3 rope): what they accept is exactly what prosa reads back
-from .gguf import ARCHS, _llama3_rope, _tokenizer, load_gguf
+__all__ = ["export_gguf", "check_output", "ExportResult", "TYPES", "EXPORTABLE"]
 
 TYPES = {"f16": LlamaFileType.MOSTLY_F16, "q8_0": LlamaFileType.MOSTLY_Q8_0, "q4_1": LlamaFileType.MOSTLY_Q4_1}
-EXPORTABLE = ("gpt2", "llama", "mistral", "qwen2")
-_GROUP = 32
-_BYTES = {Q.F32: 4.0, Q.F16: 2.0, Q.Q8_0: 34 / 32, Q.Q4_1: 20 / 32}
-# source GGUF types whose integers already are the target's blocks (what prosa.weights.assemble repacks exactly)
-_EXACT = {Q.Q8_0: ("Q8_0",), Q.Q4_1: ("Q4_0", "Q4_1", "Q4_K")}
-# the tokenizer's pre-tokenizer, as llama.cpp names it: tried in turn until prosa's reader encodes like the source
-_PRES = ("gpt-2", "smollm", "llama-bpe", "qwen2")
-_PROBES = ["Hello world! It's a test, isn't it? I'LL SEE.", "Ação, coração, pão. Olá, você está?",
-           "日本語のテキストと中文的文本。한국어 🙂 👍🏽 👨‍👩‍👧", "def f(x):\n\treturn x**2  # 42\r\n",
-           "  spaces   and\n\n\nnewlines 12345 6,789.01 2024", "x  \n y\t\tz "]
 
 
 @dataclass
@@ -126,250 +119,13 @@ def export_gguf(source: str | os.PathLike | None, out: str | os.PathLike, qtype:
     return ExportResult(out, qtype, counts, copied, out.stat().st_size, time.perf_counter() - start)
 
 
-# ------------------------------------------------------------------------------------------------ architecture
-def _architecture(config: dict[str, Any]):
-    """(GGUF architecture name, the model's ``ModelArgs``) after checking GGUF can carry every setting."""
-    from ..models import get_module
-
-    kind = config.get("model_type")
-    if kind not in EXPORTABLE:
-        raise UnsupportedModelError(f"prosa exports {', '.join(EXPORTABLE)} models to GGUF, not {kind!r} "
-                                    "(prosa's GGUF reader could not read the file back)")
-    args = get_module(kind).ModelArgs.from_dict(config)
-
-    def refuse(what: str) -> UnsupportedModelError:
-        return UnsupportedModelError(f"this {kind} model has {what}, which a GGUF file cannot express as llama.cpp "
-                                     f"and prosa read it; prosa exports {kind} models without it")
-
-    if kind == "gpt2":
-        if args.activation_function != "gelu_new":
-            raise refuse(f"activation_function={args.activation_function!r}")
-        if not args.scale_attn_weights or args.scale_attn_by_inverse_layer_idx:
-            raise refuse("non-standard attention scaling")
-        return "gpt2", args
-    if args.hidden_act != "silu" or args.mlp_bias or args.partial_rotary_factor != 1:
-        raise refuse("a non-SiLU activation, MLP biases or partial rotary")
-    if any((w := args.window(i)) and w < args.max_position_embeddings for i in range(args.num_hidden_layers)):
-        raise refuse(f"a sliding attention window ({args.sliding_window} tokens)")
-    rope = args.rope_scaling or {}
-    keys = {"default": set(), "linear": {"factor"}, "yarn": {"factor", "original_max_position_embeddings"},
-            "llama3": {"factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"}}
-    if set(rope) - {"rope_type", "type"} != keys.get(rope.get("rope_type", rope.get("type", "default"))):
-        raise refuse(f"rope scaling {rope}")
-    _rope_freqs(args)
-    return ("qwen2" if kind == "qwen2" else "llama"), args
-
-
-def _rope_freqs(args) -> np.ndarray | None:
-    """Llama 3 rope scaling as llama.cpp stores it: a ``rope_freqs`` tensor of per-frequency divisors."""
-    rope = args.rope_scaling or {}
-    if rope.get("rope_type", rope.get("type")) != "llama3":
-        return None
-    factor, low, high, old = (rope[k] for k in ("factor", "low_freq_factor", "high_freq_factor",
-                                                "original_max_position_embeddings"))
-    # llama.cpp's convert_hf_to_gguf.py: 1 for short wavelengths, `factor` for long ones, blended between
-    wavelen = 2 * math.pi * args.rope_theta ** (np.arange(0, args.head_dim, 2, dtype=np.float32) / args.head_dim)
-    smooth = (old / wavelen - low) / (high - low)
-    factors = np.where(wavelen < old / high, 1.0, np.where(wavelen > old / low, factor,
-                                                           1 / ((1 - smooth) / factor + smooth))).astype(np.float32)
-    try:   # prosa's reader maps the tensor back only for Llama 3's usual parameters
-        _llama3_rope(torch.from_numpy(factors), args.rope_theta, args.head_dim)
-    except UnsupportedModelError:
-        raise UnsupportedModelError(f"this model's llama3 rope scaling {rope} is not Llama 3's own (low 1, high 4, "
-                                    "original context 8192), the only one a GGUF file can express") from None
-    return factors
-
-
-def _config_metadata(w: GGUFWriter, arch: str, a) -> None:
-    """The ``{arch}.*`` keys prosa's reader and llama.cpp read, as the types llama.cpp expects (uint32, float32)."""
-    if arch == "gpt2":
-        ints = {"context_length": a.n_positions, "embedding_length": a.n_embd, "block_count": a.n_layer,
-                "feed_forward_length": a.n_inner or 4 * a.n_embd, "attention.head_count": a.n_head}
-        floats = {"attention.layer_norm_epsilon": a.layer_norm_epsilon}
-    else:
-        ints = {"context_length": a.max_position_embeddings, "embedding_length": a.hidden_size,
-                "block_count": a.num_hidden_layers, "feed_forward_length": a.intermediate_size,
-                "attention.head_count": a.num_attention_heads, "attention.head_count_kv": a.num_key_value_heads,
-                "rope.dimension_count": a.head_dim, "vocab_size": a.vocab_size}
-        if a.head_dim != a.hidden_size // a.num_attention_heads:
-            ints.update({"attention.key_length": a.head_dim, "attention.value_length": a.head_dim})
-        floats = {"rope.freq_base": a.rope_theta, "attention.layer_norm_rms_epsilon": a.rms_norm_eps}
-        rope = a.rope_scaling or {}
-        kind = rope.get("rope_type", rope.get("type"))
-        if kind in ("linear", "yarn"):
-            w.add_rope_scaling_type(RopeScalingType(kind))
-            floats["rope.scaling.factor"] = rope["factor"]
-        if kind == "yarn":
-            ints["rope.scaling.original_context_length"] = rope["original_max_position_embeddings"]
-    for key, value in ints.items():
-        w.add_uint32(f"{arch}.{key}", int(value))
-    for key, value in floats.items():
-        w.add_float32(f"{arch}.{key}", float(value))
-
-
-# ----------------------------------------------------------------------------------------------------- tokenizer
+# ---------------------------------------------------------------------------------------------------------- writing
 def _put(w: GGUFWriter, key: str, value: Any) -> None:
     """One key with the type llama.cpp reads it as (ids uint32, flags bool, arrays typed by their items)."""
     if isinstance(value, (bool, float, str, list)):
         {bool: w.add_bool, float: w.add_float32, str: w.add_string, list: w.add_array}[type(value)](key, value)
     else:
         w.add_uint32(key, value) if 0 <= value < 2**32 else w.add_int64(key, value)
-
-
-def _tokenizer_metadata(tok, n_vocab: int, config: dict[str, Any]) -> dict[str, Any]:
-    """``tokenizer.*`` keys for a Hugging Face byte-level BPE: llama.cpp's token list (padded to the embedding's
-    rows), types, merges, special ids, flags, chat template and the pre-tokenizer that reproduces its splits."""
-    data = json.loads(tok.backend.to_str())
-    model = data.get("model") or {}
-    if model.get("type") != "BPE" or any(model.get(k) for k in ("byte_fallback", "continuing_subword_prefix",
-                                                                 "end_of_word_suffix")):
-        raise UnsupportedModelError(f"prosa exports byte-level BPE tokenizers (GPT-2, Llama 3, Qwen2, SmolLM) to "
-                                    f"GGUF; this one is a {model.get('type')} model with other settings")
-    added = tok.backend.get_added_tokens_decoder()
-    by_id = {i: t for t, i in model["vocab"].items()} | {i: t.content for i, t in added.items()}
-    if max(by_id) >= n_vocab:
-        raise UnsupportedModelError(f"the tokenizer has {max(by_id) + 1} tokens but the model's embedding only "
-                                    f"{n_vocab} rows; llama.cpp needs one row per token")
-    # llama.cpp's types: 1 normal, 3 control (special), 4 user-defined, 5 unused (rows past the vocabulary)
-    types = [3 if i in added and added[i].special else 4 if i in added else 1 if i in by_id else 5
-             for i in range(n_vocab)]
-    merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
-
-    first = [v for v in (config.get("bos_token_id"), config.get("eos_token_id"))]
-    first = [v[0] if isinstance(v, list) and v else v if isinstance(v, int) else None for v in first]
-    bos = tok.bos_token_id if tok.bos_token_id is not None else first[0]
-    eos = tok.eos_token_id if tok.eos_token_id is not None else first[1]
-    ids = {"bos": bos, "eos": eos, "unknown": tok.unk_token_id,
-           "padding": tok.pad_token_id if tok.pad_token is not None else None}
-    # more ids that end generation (Llama 3's <|eot_id|>, Qwen's <|endoftext|>): GGUF has two more slots
-    ids.update(zip(("eot", "eom"), sorted(i for i in tok.eos_token_ids if i != eos)))
-    ids = {k: v for k, v in ids.items() if v is not None}
-    full, plain = tok.encode("a"), tok.encode("a", add_special_tokens=False)   # what the post-processor adds
-    md = {"tokenizer.ggml.model": "gpt2", "tokenizer.ggml.tokens": [by_id.get(i, f"[PAD{i}]") for i in range(n_vocab)],
-          "tokenizer.ggml.token_type": types, "tokenizer.ggml.merges": merges,
-          **{f"tokenizer.ggml.{k}_token_id": v for k, v in ids.items()},
-          "tokenizer.ggml.add_bos_token": len(full) > len(plain) and full[0] == bos,
-          "tokenizer.ggml.add_eos_token": len(full) > len(plain) and full[-1] == eos}
-    if tok.chat_template:
-        md["tokenizer.chat_template"] = tok.chat_template
-    # several names may split a small vocabulary alike: the one the source's pre-tokenizer looks like goes first
-    steps = (data.get("pre_tokenizer") or {}).get("pretokenizers") or [data.get("pre_tokenizer") or {}]
-    regex = next((str(p.get("pattern", {}).get("Regex")) for p in steps if p and p.get("type") == "Split"), "")
-    guess = ("smollm" if any(p and p.get("type") == "Digits" for p in steps) else
-             "llama-bpe" if "{1,3}" in regex else "qwen2" if regex else "gpt-2")
-    for pre in sorted(_PRES, key=lambda name: name != guess):
-        md["tokenizer.ggml.pre"] = pre
-        eos_ids = [v for k, v in ids.items() if k in ("eos", "eot", "eom")]
-        if _same_tokenizer(tok, _tokenizer(Path("<export>"), md, eos_ids)):
-            return md
-    raise UnsupportedModelError("no pre-tokenizer llama.cpp knows (gpt-2, smollm, llama-bpe, qwen2) splits text "
-                                "as this model's tokenizer does; prosa cannot export its tokenizer to GGUF")
-
-
-def _same_tokenizer(a, b) -> bool:
-    """Same ids (with and without specials) and texts for the probe strings and every special token."""
-    texts = _PROBES + [t.content for t in a.backend.get_added_tokens_decoder().values()][:64]
-    for text in texts + ["".join(texts)]:
-        for special in (True, False):
-            ids = a.encode(text, add_special_tokens=special)
-            if ids != b.encode(text, add_special_tokens=special) or a.decode(ids) != b.decode(ids):
-                return False
-    return True
-
-
-# -------------------------------------------------------------------------------------------------------- tensors
-@dataclass
-class _Item:
-    hf: str                 # checkpoint name
-    name: str               # GGUF name
-    shape: tuple[int, ...]  # as stored: torch order, (out, in) for matrices
-    qtype: Q
-    exact: bool             # integers copied from the source's GGUF blocks
-    transpose: bool         # HF Conv1D (in, out) -> (out, in)
-    heads: int | None       # llama.cpp's Q/K row permutation over this many heads
-
-
-def _plan(ck, arch: str, args, mode: str, shapes: dict[str, tuple[int, ...]]) -> tuple[list[_Item], set[str]]:
-    """One ``_Item`` per tensor to write, in checkpoint order, and the checkpoint names not written."""
-    spec = ARCHS[arch]
-    top = {hf: gg for gg, hf in spec.top.items()}
-    block = {hf: gg for gg, hf in spec.block.items()}
-    layer = re.compile(rf"{re.escape(spec.layers)}\.(\d+)\.(.+)\.(weight|bias)")
-    head = "lm_head.weight"
-    tied = args.tie_word_embeddings or head not in shapes
-    source_types = ck.gguf.tensor_types() if ck.gguf is not None else {}
-    items, dropped = [], set()
-    for hf, shape in shapes.items():
-        name = hf
-        if arch == "gpt2" and not hf.startswith(("transformer.", "lm_head.")):
-            name = "transformer." + hf   # base-model checkpoints (openai-community/gpt2) lack the prefix
-        if name.endswith((".attn.bias", ".attn.masked_bias", "rotary_emb.inv_freq")) or (tied and name == head):
-            dropped.add(hf)   # attention masks, rotary caches, a tied output layer: nothing llama.cpp loads
-            continue
-        if m := layer.fullmatch(name):
-            part, gg = block.get(m[2]), f"blk.{m[1]}.{block.get(m[2])}.{m[3]}"
-        else:
-            part = top.get(name.rsplit(".", 1)[0])
-            gg = f"{part}.{name.rsplit('.', 1)[1]}"
-        if part is None:
-            raise UnsupportedModelError(f"{ck.path} holds tensor {hf!r}, which llama.cpp's {arch} has no place for")
-        transpose = part in spec.transposed and len(shape) == 2
-        shape = tuple(reversed(shape)) if transpose else tuple(shape)
-        if len(shape) != 2 or name.endswith(".bias") or part == "position_embd":
-            qtype = Q.F32
-        elif mode == "f16" or shape[1] % _GROUP:   # rows of partial blocks: llama.cpp's converter keeps F16 too
-            qtype = Q.F16
-        else:
-            qtype = Q.Q8_0 if mode == "q8_0" or part in ("token_embd", "output") else Q.Q4_1
-        if qtype == Q.Q8_0 and mode == "q4_1" and source_types.get(hf) in _EXACT[Q.Q4_1]:
-            qtype = Q.Q4_1   # an embedding already in 4 bits: Q8_0 would only add rounding, prosa reads both
-        exact = source_types.get(hf) in _EXACT.get(qtype, ())
-        heads = None
-        if spec.permute_qk and part in ("attn_q", "attn_k"):
-            heads = args.num_attention_heads if part == "attn_q" else args.num_key_value_heads
-        items.append(_Item(hf, gg, shape, qtype, exact, transpose, heads))
-    return items, dropped
-
-
-def _halves(t: torch.Tensor) -> torch.Tensor:
-    return t.reshape(-1, 1).contiguous().view(torch.uint8)   # one fp16 per block -> its 2 bytes
-
-
-def _q8_0(q: torch.Tensor, d: torch.Tensor) -> np.ndarray:
-    """int8 (N, K) and fp16 scales (N, K/32) -> Q8_0 bytes (N, K/32 * 34): per block fp16 d, 32 x int8."""
-    return torch.cat((_halves(d), q.reshape(-1, 32).view(torch.uint8)), 1).reshape(q.shape[0], -1).numpy()
-
-
-def _q4_1(q: torch.Tensor, d: torch.Tensor, m: torch.Tensor) -> np.ndarray:
-    """uint8 0..15 (N, K), fp16 d and m (N, K/32) -> Q4_1 bytes (N, K/32 * 20): d, m, then 16 bytes whose low
-    nibbles are elements 0..15 and high nibbles 16..31 (ggml's order)."""
-    b = q.reshape(-1, 32)
-    return torch.cat((_halves(d), _halves(m), b[:, :16] | (b[:, 16:] << 4)), 1).reshape(q.shape[0], -1).numpy()
-
-
-def _encode(item: _Item, ck, take: Callable[[str], torch.Tensor]) -> np.ndarray:
-    """One tensor's bytes as stored: rows in llama.cpp's order, each row encoded on its own."""
-    if item.exact:   # the source's integers, in HF row order and (out, in) orientation
-        _, q, d, m = ck.gguf.int_weight(item.hf)
-        data = _q8_0(q, d) if item.qtype == Q.Q8_0 else _q4_1(q, d, m)
-    else:
-        w = take(item.hf).float()
-        w = w.t() if item.transpose else w
-        if item.qtype == Q.F32:
-            data = w.contiguous().numpy()
-        elif item.qtype == Q.F16:
-            data = w.half().numpy()
-            if not np.isfinite(data).all():
-                raise UnsupportedModelError(f"{item.hf} holds values beyond float16's range; export as q8_0")
-        elif item.qtype == Q.Q8_0:
-            data = _q8_0(*quantize_int8(w, _GROUP))
-        else:
-            data = _q4_1(*quantize_int4(w, _GROUP))
-    if item.heads:   # row i of the file is row order[i] of HF's (each row's blocks are independent)
-        rows = item.shape[0]
-        order = torch.arange(rows).reshape(item.heads, 2, rows // item.heads // 2).transpose(1, 2).reshape(-1)
-        data = data.reshape(rows, -1)[order.numpy()].reshape(data.shape)
-    return np.ascontiguousarray(data)
 
 
 def _write(tmp: Path, ck, arch: str, args, tok, mode: str) -> tuple[Counter, int]:
