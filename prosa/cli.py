@@ -1,5 +1,8 @@
 """``prosa <verb>``: the command-line dispatcher. Each verb lives in ``prosa.commands.<verb>`` and owns its
-argparse (``register(subparsers)``) and its work (``run(args) -> exit status``)."""
+argparse (``register(subparsers)``) and its work (``run(args) -> exit status``).
+
+Exit status: 0 done; 2 a usage error (a bad argument value, device or input file), found before any model is
+loaded; 1 a model that cannot be opened or loaded (missing, corrupt, unsupported); 130 Ctrl-C."""
 from __future__ import annotations
 
 import argparse
@@ -18,7 +21,24 @@ def build_parser() -> argparse.ArgumentParser:
     sub.required = True
     for verb in VERBS:
         importlib.import_module(f"prosa.commands.{verb}").register(sub)
+    _plain_help(parser)
     return parser
+
+
+def _plain_help(parser: argparse.ArgumentParser) -> None:
+    """Drop reST markup (``code``) from every help text: descriptions are module docstrings, written for Sphinx
+    and code readers, and ``--help`` shows them as typed."""
+    def plain(text: str | None) -> str | None:
+        return text.replace("``", "") if isinstance(text, str) else text
+
+    parser.description = plain(parser.description)
+    for action in parser._actions:          # argparse keeps no public list of a parser's arguments
+        action.help = plain(action.help)
+        if isinstance(action, argparse._SubParsersAction):
+            for choice in action._choices_actions:      # the one-line help of each verb in `prosa --help`
+                choice.help = plain(choice.help)
+            for sub in dict.fromkeys(action.choices.values()):
+                _plain_help(sub)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -30,8 +50,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.run(args) or 0
     except ProsaError as e:
+        # A ProsaError that is also a ValueError (InputError, DeviceError) is a bad argument or input file: exit 2
+        # as a usage error, in one line (the usage would hide the message); the others (a model that cannot be
+        # opened or loaded) exit 1.
         print(f"prosa: error: {e}", file=sys.stderr)
-        return 1
+        return 2 if isinstance(e, ValueError) else 1
     except ValueError as e:         # a bad parameter value: usage error, like argparse's
         args.subparser.print_usage(sys.stderr)
         print(f"prosa {args.verb}: error: {e}", file=sys.stderr)

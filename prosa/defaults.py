@@ -46,8 +46,7 @@ def model_defaults(generation_config: Mapping[str, Any]) -> dict[str, Any]:
     gc, out = generation_config, {}
     if "do_sample" in gc:
         if gc["do_sample"]:
-            temperature = gc.get("temperature")
-            out["temperature"] = 1.0 if temperature is None else float(temperature)
+            out["temperature"] = float(gc.get("temperature") or 1.0)     # unset (or a meaningless 0): 1
             out["top_k"] = TRANSFORMERS_TOP_K
             out.update({k: gc[k] for k in SAMPLING_KEYS[1:] if gc.get(k) is not None})
         else:

@@ -11,18 +11,16 @@ from typing import TYPE_CHECKING, Any, Iterable, Iterator, Mapping, Sequence
 
 import torch
 
+from .defaults import resolve
 from .engine import OVERFLOW_MODES, Engine, Event, Request
 from .sampling import SamplingParams
 
 if TYPE_CHECKING:
     from .tokenizer import Tokenizer
 
-DEFAULT_MAX_NEW_TOKENS = 128
 MAX_LOGPROBS = 20            # alternatives per token at most (OpenAI's chat limit)
 MAX_N = 128                  # samples per prompt at most
 SAMPLING_FIELDS = tuple(f.name for f in fields(SamplingParams))
-# generation_config.json keys that set prosa defaults (transformers' names).
-_GC_KEYS = ("top_k", "top_p", "min_p", "typical_p", "repetition_penalty", "no_repeat_ngram_size")
 
 
 @dataclass
@@ -43,7 +41,8 @@ class GenerationResult:
         tokens: generated token ids (a final eos id included when generation stopped on it).
         finish_reason: "stop" (eos or a stop string), "length" (max_new_tokens or the context window), or
             "error" (the request's settings left nothing to generate; see ``error``).
-        stop_reason: the stop string or eos id that ended it, if any.
+        stop_reason: the stop string or eos id that ended it; with "length", "context" when the context window
+            (prompt included) filled before max_new_tokens was reached, None when max_new_tokens was.
         prompt_tokens: the prompt's token ids.
         index: which prompt of the call it continues; sample: which of its n samples.
         seed: the seed its sampling used.
@@ -67,20 +66,23 @@ class GenerationResult:
 
 class Chunk(str):
     """A piece of streamed text (a ``str``: join, print or compare it as text) carrying the token ids that
-    produced it, the sample it belongs to (with n > 1 each chunk is one sample's), the finish reason on that
-    sample's last piece (with ``error`` when it is "error"), and log-probabilities when requested."""
+    produced it, the sample it belongs to (with n > 1 each chunk is one sample's), the finish and stop reasons on
+    that sample's last piece (as ``GenerationResult``'s; ``error`` when it is "error"), and log-probabilities when
+    requested."""
 
     token_ids: list[int]
     finish_reason: str | None
     logprobs: list[TokenLogprob] | None
     sample: int
     error: str | None
+    stop_reason: str | int | None
 
     def __new__(cls, text: str, token_ids: list[int], finish_reason: str | None = None,
-                logprobs: list[TokenLogprob] | None = None, sample: int = 0, error: str | None = None) -> "Chunk":
+                logprobs: list[TokenLogprob] | None = None, sample: int = 0, error: str | None = None,
+                stop_reason: str | int | None = None) -> "Chunk":
         chunk = super().__new__(cls, text)
         chunk.token_ids, chunk.finish_reason, chunk.logprobs = token_ids, finish_reason, logprobs
-        chunk.sample, chunk.error = sample, error
+        chunk.sample, chunk.error, chunk.stop_reason = sample, error, stop_reason
         return chunk
 
     @property
@@ -174,11 +176,9 @@ class LanguageModel:
         return int(self.config.get("vocab_size") or self.tokenizer.vocab_size)
 
     def sampling_defaults(self) -> dict[str, Any]:
-        """Sampling settings from generation_config.json, transformers' way: greedy unless ``do_sample``."""
-        gc = self.generation_config
-        out: dict[str, Any] = {"temperature": float(gc.get("temperature") or 1.0) if gc.get("do_sample") else 0.0}
-        out.update({k: gc[k] for k in _GC_KEYS if gc.get(k) is not None})
-        return out
+        """The sampling settings a call that sets none gets: the model's generation_config (transformers' reading:
+        greedy unless ``do_sample``), else prosa's defaults (``prosa.defaults.resolve``)."""
+        return {k: v for k, v in resolve(self.generation_config, {}).items() if k in SAMPLING_FIELDS}
 
     def bad_words_ids(self, words: Iterable[str]) -> tuple[tuple[int, ...], ...]:
         """Token sequences for banned words: each word alone and after a space (how it appears mid-text)."""
@@ -197,8 +197,9 @@ class LanguageModel:
         """Validate settings and build one ``Request`` per prompt (see ``generate`` for the arguments).
 
         Raises:
-            ValueError: a bad parameter (the message names it) or, with ``context_overflow="error"``, a prompt
-                longer than the context window.
+            ValueError: a bad parameter (the message names it), max_new_tokens or max_length beyond the context
+                window, or a prompt that leaves no room: it fills the window (``context_overflow="error"``) or
+                max_length (without max_new_tokens). With several prompts the message starts "prompt i:".
         """
         unknown = set(sampling) - set(SAMPLING_FIELDS)
         if unknown:
@@ -206,7 +207,7 @@ class LanguageModel:
         if max_length is not None and (isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 1):
             raise ValueError(f"max_length must be an integer >= 1, got {max_length!r}")
         if max_new_tokens is None and max_length is None:
-            max_new_tokens = self.generation_config.get("max_new_tokens") or DEFAULT_MAX_NEW_TOKENS
+            max_new_tokens = resolve(self.generation_config, {})["max_new_tokens"]
         if max_new_tokens is not None and (isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int)
                                            or max_new_tokens < 0):
             raise ValueError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
@@ -217,33 +218,54 @@ class LanguageModel:
             raise ValueError(f"logprobs must be None or an integer from 0 to {MAX_LOGPROBS}, got {logprobs!r}")
         if context_overflow not in OVERFLOW_MODES:
             raise ValueError(f"context_overflow must be one of {', '.join(OVERFLOW_MODES)}, got {context_overflow!r}")
-        if max_new_tokens is not None and max_new_tokens > self.context_length and context_overflow != "slide":
-            raise ValueError(f"max_new_tokens is {max_new_tokens} but the context window is {self.context_length} "
-                             "tokens (prompt included); ask for fewer, or pass context_overflow='slide' to go on "
-                             "past the window")
+        window, slide = self.context_length, context_overflow == "slide"
+        # Asking for more than the window can ever hold is a mistake, refused before any work; asking for more
+        # than the window leaves after this prompt is not: the engine stops there with stop_reason "context".
+        name, value = ("max_new_tokens", max_new_tokens) if max_new_tokens is not None else ("max_length", max_length)
+        if value is not None and value > window and not slide:
+            raise ValueError(f"{name} is {value} but the context window is {window} tokens, prompt included; ask "
+                             "for fewer, or let generation slide past the window (context_overflow='slide', "
+                             "--context-overflow slide)")
         if seed is None:
             seed = random.SystemRandom().randrange(2**31)
         if isinstance(seed, bool) or not isinstance(seed, int):
             raise ValueError(f"seed must be an integer, got {seed!r}")
         stops = (stop,) if isinstance(stop, str) else tuple(stop or ())
-        settings = {**self.sampling_defaults(), **{k: v for k, v in sampling.items() if v is not None}}
+        # the caller's settings, else the model's generation_config, else prosa's defaults: the one resolver
+        settings = {k: v for k, v in resolve(self.generation_config, sampling).items() if k in SAMPLING_FIELDS}
         if bad_words:
             settings["bad_words_ids"] = tuple(settings.get("bad_words_ids", ())) + self.bad_words_ids(bad_words)
         if settings.get("logit_bias"):
             settings["logit_bias"] = {int(k): float(v) for k, v in settings["logit_bias"].items()}
         params = SamplingParams(**settings).validate(self.tokenizer.vocab_size)
         requests = []
-        for p in prompts:
-            ids = self.encode(p)
-            if len(ids) >= self.context_length:
-                if context_overflow == "error":
-                    raise ValueError(f"the prompt is {len(ids)} tokens but the context window is {self.context_length}; "
-                                     "shorten it or pass context_overflow='slide'")
-                ids = ids[-(self.context_length - 1):]
-            # max_length counts the prompt too (transformers' meaning); max_new_tokens wins when both are given.
-            new = max_new_tokens if max_new_tokens is not None else max(0, max_length - len(ids))
+        for i, p in enumerate(prompts):
+            try:
+                ids = self.encode(p)
+                if len(ids) >= window:
+                    if not slide:
+                        raise ValueError(f"the prompt is {len(ids)} tokens and the context window is {window}, "
+                                         "prompt included, so no new token fits; shorten it, or keep only its most "
+                                         "recent tokens (context_overflow='slide', --context-overflow slide)")
+                    ids = ids[-(window - 1):]
+                # max_length counts the prompt too (transformers' meaning); max_new_tokens wins when both are given.
+                if max_new_tokens is None and len(ids) >= max_length:
+                    # transformers raises too: an empty continuation would pass for a finished one
+                    raise ValueError(f"the prompt is {len(ids)} tokens but max_length is {max_length}, prompt "
+                                     "included, so nothing can be generated; raise max_length or, better, set "
+                                     "max_new_tokens")
+            except ValueError as e:
+                raise ValueError(f"prompt {i}: {e}" if len(prompts) > 1 else str(e)) from None
+            new = max_new_tokens if max_new_tokens is not None else max_length - len(ids)
             requests.append(Request(ids, params, new, stops, n, seed, logprobs, ignore_eos, context_overflow))
         return requests
+
+    def room(self, request: Request) -> int:
+        """Tokens ``request`` can generate at most: its max_new_tokens, or fewer when the context window (prompt
+        included) fills first; the engine then ends it with finish_reason "length", stop_reason "context"."""
+        if request.context_overflow == "slide":
+            return request.max_new_tokens
+        return max(0, min(request.max_new_tokens, self.context_length - len(request.prompt)))
 
     def settings(self, req: Request, sample: int, context_overflow: str) -> dict[str, Any]:
         """The reproducibility record of one sequence."""
@@ -300,8 +322,10 @@ class LanguageModel:
         Args:
             prompt: a string (or token ids), or a list of strings (or of token-id lists).
             max_new_tokens: tokens to generate at most (default: generation_config's, else 128); more than the
-                context window only with context_overflow="slide".
-            max_length: prompt + generated tokens at most (transformers' meaning); max_new_tokens wins.
+                context window only with context_overflow="slide". More than the window leaves after the prompt
+                is allowed: the sequence ends at the window with finish_reason "length", stop_reason "context".
+            max_length: prompt + generated tokens at most (transformers' meaning); max_new_tokens wins. A prompt
+                of max_length tokens or more raises ValueError, as in transformers (nothing could be generated).
             temperature: 0 = greedy (default: the model's generation_config; greedy if it says nothing).
             top_k, top_p, min_p, typical_p, repetition_penalty, presence_penalty, frequency_penalty,
             no_repeat_ngram_size, logit_bias ({token id: bias}), bad_words (strings), bad_words_ids,
@@ -310,14 +334,15 @@ class LanguageModel:
             n: samples per prompt (at most 128); the prompt is run through the model once.
             seed: sample j of every prompt uses ``seed + j`` (random when None; recorded in ``settings``).
             logprobs: None, or k in 0..20: the chosen token's log-probability and the k most likely alternatives.
-            context_overflow: "error" (stop at the window; a prompt longer than it raises ValueError) or
+            context_overflow: "error" (stop at the window; a prompt that fills it raises ValueError) or
                 "slide" (drop the oldest tokens and go on).
             ignore_eos: do not stop at eos.
         Returns:
             for a string prompt: a ``GenerationResult``, or a list of n of them when n > 1;
             for a list of prompts: a flat list, prompt-major (all samples of prompt 0, then prompt 1, ...).
         Raises:
-            ValueError: a bad setting or prompt (empty, ids outside the vocabulary, longer than the window).
+            ValueError: a bad setting or prompt (empty, ids outside the vocabulary, filling the window or
+                max_length); with several prompts the message starts "prompt i:".
         """
         single = isinstance(prompt, str) or (len(prompt) > 0 and isinstance(prompt[0], int))
         prompts = [prompt] if single else list(prompt)
@@ -368,7 +393,8 @@ class LanguageModel:
                     if ev.logprob is not None:
                         lps.append(TokenLogprob(ev.token, ev.logprob, ev.top_logprobs or []))
                 if ev.text or ev.finish_reason:
-                    yield Chunk(ev.text, toks, ev.finish_reason, lps if want_logprobs else None, ev.sample, ev.error)
+                    yield Chunk(ev.text, toks, ev.finish_reason, lps if want_logprobs else None, ev.sample, ev.error,
+                                ev.stop_reason)
                     pending[ev.sample], logprobs[ev.sample] = [], []
         finally:
             events.close()

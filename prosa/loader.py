@@ -18,7 +18,7 @@ import torch
 from torch.overrides import TorchFunctionMode
 
 from . import models
-from .errors import CorruptModelError, ModelNotFoundError, UnsupportedModelError
+from .errors import CorruptModelError, ModelNotFoundError, ProsaError, UnsupportedModelError
 from .language_model import LanguageModel
 
 from .weights import hub
@@ -95,11 +95,36 @@ def _cpu_has_native_bf16() -> bool:
     return " avx512_bf16" in flags or " amx_bf16" in flags
 
 
+class DeviceError(ProsaError, ValueError):
+    """A device this machine cannot run on (``tpu``, ``cuda`` without a GPU): a bad argument value, so also a
+    ``ValueError``; the CLI prints the one-line message and exits 2."""
+
+
 def resolve_device(device: str | torch.device | None) -> torch.device:
-    """``None``/"auto" -> CUDA when available, else CPU."""
-    if device in (None, "auto"):
+    """The device to run on: None/"auto" -> CUDA when available, else CPU; "cpu", "cuda", "cuda:N" as given.
+
+    Raises:
+        DeviceError: not a device prosa runs on, or a CUDA device this machine lacks (the message says what to use).
+    """
+    if device is None or (isinstance(device, str) and device.strip().lower() == "auto"):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    try:
+        dev = torch.device(device.strip().lower() if isinstance(device, str) else device)
+    except (RuntimeError, TypeError, ValueError):     # torch's own message lists a dozen backends prosa lacks
+        dev = None
+    if dev is None or dev.type not in ("cpu", "cuda"):
+        raise DeviceError(f"device {str(device)!r} is not one prosa runs on; use cpu, cuda (cuda:N for one GPU "
+                          "of several) or auto (cuda when available)")
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        built = torch.backends.cuda.is_built() or getattr(torch.version, "hip", None) is not None
+        raise DeviceError(f"device {str(device)!r}: " + (
+            "no CUDA GPU is visible to PyTorch; run on cpu, or check the NVIDIA driver and CUDA_VISIBLE_DEVICES"
+            if built else f"this PyTorch ({torch.__version__}) is built without CUDA; run on cpu, or install a "
+                          "CUDA build of PyTorch"))
+    if dev.type == "cuda" and dev.index is not None and dev.index >= (count := torch.cuda.device_count()):
+        raise DeviceError(f"device {str(device)!r}: this machine has {count} CUDA GPU(s), cuda:0 to "
+                          f"cuda:{count - 1}; use one of those, or cpu")
+    return dev
 
 
 @dataclass
@@ -161,8 +186,41 @@ def open_checkpoint(name_or_path: str | os.PathLike | None = None, revision: str
     from .weights.safetensors import weight_files
 
     files = weight_files(path)
+    check_weight_files(files)
     fmt = "safetensors" if files[0].suffix == ".safetensors" else "pytorch"
     return Checkpoint(source, path, config, gen, fmt)
+
+
+def check_weight_files(files: list[Path]) -> None:
+    """Check that Hugging Face weight files are complete from their headers (no tensor data read): every
+    safetensors tensor ends inside its file; a zip-format pytorch_model.bin keeps its central directory (at the
+    end). A download cut short fails here, not half-way through a load (GGUF files: checked when opened).
+
+    Raises:
+        CorruptModelError: a truncated or malformed file (the message names it).
+    """
+    import zipfile
+
+    from .weights.safetensors import _corrupt, _header
+
+    for path in files:
+        if path.suffix == ".safetensors":
+            header, size, base = _header(path)
+            for name, info in header.items():
+                try:
+                    begin, end = (int(x) for x in info["data_offsets"])
+                except (KeyError, TypeError, ValueError):
+                    raise _corrupt(path, f"unreadable entry for {name!r}") from None
+                if not 0 <= begin <= end or base + end > size:
+                    raise _corrupt(path, f"tensor {name!r} spans bytes {base + begin:,}-{base + end:,} of {size:,}")
+            continue
+        with open(path, "rb") as f:
+            zipped = f.read(4) == b"PK\x03\x04"    # torch.save's format since 1.6; older files are plain pickles
+        try:
+            if zipped:
+                zipfile.ZipFile(path).close()
+        except (zipfile.BadZipFile, OSError) as e:
+            raise CorruptModelError(f"{path} is truncated or corrupt (an incomplete zip: {e}); re-download") from None
 
 
 def build_model(config: dict[str, Any]) -> torch.nn.Module:
@@ -218,8 +276,8 @@ def load(name_or_path: str | os.PathLike | None = None, *, dtype: str | torch.dt
         from .training.export import check_adapter_folder
 
         check_adapter_folder(adapter)
+    dev = resolve_device(device)      # before the checkpoint: a device this machine lacks costs no download
     ck = open_checkpoint(name_or_path, revision)
-    dev = resolve_device(device)
     checkpoint_dtype = ck.config.get("torch_dtype") or ck.config.get("dtype")
     dt = resolve_dtype(dtype, None if ck.fmt == "gguf" else checkpoint_dtype, dev)
     mode, why = choose_quantize(ck, dt, dev) if quantize == "auto" else (quantize, "")

@@ -1,4 +1,5 @@
-"""Text <-> token ids: a thin wrapper over a ``tokenizers.Tokenizer`` plus a streaming detokenizer.
+"""Text <-> token ids: a thin wrapper over a ``tokenizers.Tokenizer`` (its streaming detokenizer is in
+``prosa.detokenizer``).
 
 Behaviour follows ``transformers.AutoTokenizer`` (5.x) for byte-level BPE folders:
 
@@ -28,6 +29,7 @@ from typing import Any
 import tokenizers
 from tokenizers import AddedToken, decoders, models, pre_tokenizers, processors
 
+from .detokenizer import StreamingDetokenizer
 from .errors import CorruptModelError, ModelNotFoundError, UnsupportedModelError
 
 __all__ = ["Tokenizer", "StreamingDetokenizer"]
@@ -36,7 +38,6 @@ _GPT2_DEFAULT = "<|endoftext|>"
 # transformers' SPECIAL_TOKENS_ATTRIBUTES, in the order it registers missing ones
 _SPECIAL_KEYS = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
 _ADDED_TOKEN_FLAGS = ("single_word", "lstrip", "rstrip", "normalized", "special")
-_REPLACEMENT = "\ufffd"
 
 
 def _content(value: Any) -> str | None:
@@ -278,6 +279,13 @@ class Tokenizer:
         vocab = self._backend.get_vocab(with_added_tokens=False)
         return frozenset(i for t, i in vocab.items() if len(t) == 6 and t.startswith("<0x") and t.endswith(">"))
 
+    @functools.cached_property
+    def _byte_level_decoder(self) -> bool:
+        """Does the decoder map byte-level characters back to bytes (GPT-2 style: a token may hold part of a
+        character)?"""
+        decoder = self._backend.decoder
+        return decoder is not None and b'"ByteLevel"' in decoder.__getstate__()
+
     # -- encoding / decoding ---------------------------------------------------------------------------
 
     @property
@@ -355,97 +363,3 @@ class Tokenizer:
 
     def __repr__(self) -> str:
         return f"Tokenizer(vocab_size={self.vocab_size}, bos={self.bos_token!r}, eos={self.eos_token!r})"
-
-
-class StreamingDetokenizer:
-    """Turns tokens into text one at a time, emitting only text that later tokens cannot change.
-
-    Prefix-offset technique (as in text-generation-inference / vLLM): only the window ``tokens[prefix:]`` is
-    decoded, ``tokens[prefix:read]`` (already emitted) serving as left context, so the cost per token does not
-    grow with the sequence, and decoders that strip the first token's leading space (Metaspace, ``Strip``)
-    treat context and new text alike. Text ending in U+FFFD (a character still missing bytes) is held back;
-    with a ByteFallback decoder, so is a run of ``<0xNN>`` tokens until a normal token closes it (one invalid
-    byte turns the whole run into U+FFFD). ``"".join(add_token(t) ...) + finalize() == decode(ids, skip)``.
-
-    Args:
-        tokenizer: The tokenizer whose ``decode`` it follows.
-        skip_special_tokens: Leave out special tokens.
-    """
-
-    #: Without ByteFallback: after this many held-back tokens, look for a safe split (so that a stream of
-    #: invalid bytes does not grow the window forever).
-    max_held_tokens = 8
-
-    def __init__(self, tokenizer: Tokenizer, skip_special_tokens: bool = True) -> None:
-        self._decode = tokenizer.backend.decode
-        self.skip_special_tokens = skip_special_tokens
-        self._byte_ids = tokenizer._byte_fallback_ids
-        self._hidden = tokenizer._skipped_ids if skip_special_tokens else frozenset()
-        self.reset()
-
-    def reset(self) -> None:
-        """Forget all tokens and text."""
-        self.tokens: list[int] = []
-        self._prefix = 0  # start of the decoded window
-        self._read = 0  # tokens before this index are emitted
-        self._prefix_text = ""  # decode(tokens[_prefix:_read])
-        self._chunks: list[str] = []
-
-    def _text_of(self, start: int, stop: int | None = None) -> str:
-        return self._decode(self.tokens[start:stop], skip_special_tokens=self.skip_special_tokens)
-
-    def _emit(self, window_text: str, stop: int) -> str:
-        """Emit ``window_text`` (the decoded ``tokens[prefix:stop]``, longer than the context) past the context,
-        and slide the window so that the tokens just emitted become the next context."""
-        new = window_text[len(self._prefix_text):]
-        self._prefix, self._read = self._read, stop
-        self._prefix_text = self._text_of(self._prefix, self._read)
-        self._chunks.append(new)
-        return new
-
-    def add_token(self, token_id: int) -> str:
-        """Add one generated token.
-
-        Args:
-            token_id: The token id.
-        Returns:
-            The new text that is now final (possibly ``""``).
-        """
-        self.tokens.append(int(token_id))
-        if self._byte_ids and self._in_byte_run():
-            return ""
-        text = self._text_of(self._prefix)
-        if len(text) > len(self._prefix_text) and not text.endswith(_REPLACEMENT):
-            return self._emit(text, len(self.tokens))
-        if not self._byte_ids and len(self.tokens) - self._read > self.max_held_tokens:
-            # Still incomplete after many tokens (invalid bytes): split where decoding in two parts
-            # changes nothing. Lossy UTF-8 resynchronises there, so that text is final.
-            for stop in range(len(self.tokens) - 1, max(self._read, len(self.tokens) - 4), -1):
-                head = self._text_of(self._prefix, stop)
-                if len(head) > len(self._prefix_text) and head + self._text_of(stop) == text:
-                    return self._emit(head, stop)
-        return ""
-
-    def _in_byte_run(self) -> bool:
-        """Is the last token the decoder will see a ``<0xNN>`` byte token?"""
-        for i in range(len(self.tokens) - 1, self._read - 1, -1):
-            if self.tokens[i] not in self._hidden:
-                return self.tokens[i] in self._byte_ids
-        return False
-
-    def finalize(self) -> str:
-        """Flush the text still held back (call once generation ends).
-
-        Returns:
-            The remaining text (possibly ``""``).
-        """
-        text = self._text_of(self._prefix) if self._read < len(self.tokens) else ""
-        if len(text) <= len(self._prefix_text):  # nothing pending, or only invisible tokens
-            return ""
-        return self._emit(text, len(self.tokens))
-
-    @property
-    def text(self) -> str:
-        """All text so far: emitted plus held back."""
-        held = self._text_of(self._prefix)[len(self._prefix_text):] if self._read < len(self.tokens) else ""
-        return "".join(self._chunks) + held

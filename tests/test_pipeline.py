@@ -85,6 +85,18 @@ def pipelines():
     return get
 
 
+def _same_but_cut_char(ours, theirs) -> bool:
+    """Equal, except where prosa drops the one U+FFFD transformers shows for a last character a limit cut in half
+    (issue #12: never a replacement character for an incomplete trailing character); nothing else may differ."""
+    if isinstance(ours, str) and isinstance(theirs, str):
+        return ours == theirs or (theirs.endswith("\ufffd") and ours == theirs[:-1])
+    if isinstance(ours, dict) and isinstance(theirs, dict):
+        return ours.keys() == theirs.keys() and all(_same_but_cut_char(ours[k], theirs[k]) for k in ours)
+    if isinstance(ours, (list, tuple)) and isinstance(theirs, (list, tuple)):
+        return type(ours) is type(theirs) and len(ours) == len(theirs) and all(map(_same_but_cut_char, ours, theirs))
+    return ours == theirs
+
+
 def _outcome(fn):
     """A call's result, or its error as (type name, message), so that errors compare like results."""
     try:
@@ -256,7 +268,7 @@ def test_greedy_matches_transformers(tiny_checkpoint, pipelines, model, case):
     folder = tiny_checkpoint(model)
     ours = _outcome(lambda: pipelines("prosa", folder)(inputs, **kwargs))
     theirs = _outcome(lambda: pipelines("hf", folder)(inputs, **kwargs))
-    assert ours == theirs
+    assert _same_but_cut_char(ours, theirs), (ours, theirs)
 
 
 @pytest.mark.parametrize("model", ["gpt2", "llama"])
@@ -267,7 +279,7 @@ def test_chat_matches_transformers(chat_checkpoint, pipelines, model, case):
     ours = _outcome(lambda: pipelines("prosa", folder)(inputs, **kwargs))
     theirs = _outcome(lambda: pipelines("hf", folder)(inputs, **kwargs))
     assert ours[0] == ("error" if case.endswith("too_short") else "ok")
-    assert ours == theirs
+    assert _same_but_cut_char(ours, theirs), (ours, theirs)
 
 
 @pytest.mark.parametrize("model", ["gpt2", "llama"])
@@ -282,7 +294,8 @@ def test_eos_and_min_length_match_transformers(tiny_checkpoint, pipelines, model
                    dict(eos_token_id=eos, min_length=prompt_length + 5), dict(eos_token_id=eos, return_tensors=True),
                    dict(eos_token_id=eos, min_new_tokens=4, min_length=prompt_length + 9)):
         call = dict(max_new_tokens=12, **GREEDY, **kwargs)
-        assert _outcome(lambda: ours(PROMPT, **call)) == _outcome(lambda: theirs(PROMPT, **call)), kwargs
+        assert _same_but_cut_char(_outcome(lambda: ours(PROMPT, **call)), _outcome(lambda: theirs(PROMPT, **call))), \
+            kwargs
 
 
 @pytest.mark.parametrize("model", ["gpt2", "llama"])
@@ -303,7 +316,8 @@ def test_init_and_generation_config_match_transformers(tiny_checkpoint, model):
         if kwargs.get("batch_size"):        # transformers refuses to batch without a pad token; prosa batches anyway
             assert ours(*args, **kwargs) == [theirs(a) for a in args[0]]
             continue
-        assert _outcome(lambda: ours(*args, **kwargs)) == _outcome(lambda: theirs(*args, **kwargs)), kwargs
+        assert _same_but_cut_char(_outcome(lambda: ours(*args, **kwargs)), _outcome(lambda: theirs(*args, **kwargs))), \
+            kwargs
     # A dict works as a generation_config too.
     assert ours(PROMPT, generation_config={"max_new_tokens": 4, "do_sample": False}) == \
         theirs(PROMPT, generation_config=GenerationConfig(max_new_tokens=4, do_sample=False))

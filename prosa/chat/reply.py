@@ -13,11 +13,11 @@ import weakref
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Sequence
 
+from ..defaults import resolve, samples
 from ..errors import ProsaError
 from .prompt import _end_of_turn, _fit, _Options
 from .transcript import SpeakerLines, _SpeakerFilter, _Trim
 
-DEFAULT_MAX_NEW_TOKENS = 128
 #: Transcript mode: attempts at a non-empty reply (the last one bans newlines).
 TRANSCRIPT_ATTEMPTS = 5
 RETRY_TEMPERATURE = 0.8
@@ -61,8 +61,10 @@ def _plan(lm, messages: list[dict[str, str]], opts: _Options, settings: dict[str
           notice: Callable[[str], None]) -> _Plan:
     settings = dict(settings)
     settings.pop("seed", None)
-    max_new = (settings.pop("max_new_tokens", None) or lm.generation_config.get("max_new_tokens")
-               or DEFAULT_MAX_NEW_TOKENS)
+    # the caller's, else the model's generation_config, else prosa's defaults (prosa.defaults: one resolver)
+    resolved = resolve(lm.generation_config, {"max_new_tokens": settings.pop("max_new_tokens", None),
+                                              "temperature": settings.get("temperature")})
+    max_new = resolved["max_new_tokens"]
     ids, dropped = _fit(lm, messages, opts, reserve=min(max_new, lm.context_length // 4))
     if dropped:
         notice(f"the conversation outgrew the {lm.context_length}-token context window: its {dropped} oldest "
@@ -74,12 +76,9 @@ def _plan(lm, messages: list[dict[str, str]], opts: _Options, settings: dict[str
         marker = _end_of_turn(lm, opts.template, notice)
         if marker:
             stops.append(marker)
-    temperature = settings.get("temperature")
-    if temperature is None:
-        temperature = lm.sampling_defaults().get("temperature", 1.0)
     speakers = SpeakerLines([opts.user_name, opts.bot_name], opts.user_name) if opts.transcript else None
     return _Plan(ids, dropped, {**settings, "stop": list(dict.fromkeys(stops)), "max_new_tokens": max_new},
-                 temperature == 0, speakers)
+                 not samples(resolved), speakers)
 
 
 def _attempt_kwargs(lm, plan: _Plan, attempt: int) -> tuple[dict[str, Any], bool]:

@@ -19,8 +19,8 @@ import shlex
 import signal
 import sys
 
-from . import add_model_options, load_model
-from .generate import PIPELINE_TEMPERATURE, PIPELINE_TOP_K, add_sampling_options, sampling_kwargs
+from . import ESCAPES_HELP, add_model_options, load_model, unescape
+from .generate import add_sampling_options, sampling_kwargs
 
 HELP = """\
 commands:
@@ -44,12 +44,13 @@ def register(sub) -> None:
     p = sub.add_parser("chat", help="talk with a model", description=__doc__,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_options(p)
-    p.add_argument("--system", default=None, help="system prompt")
+    p.add_argument("--system", type=unescape, default=None, help="system prompt " + ESCAPES_HELP)
     p.add_argument("--transcript", action="store_true",
                    help="transcript mode ('You: ...' / 'He: ...' lines) even when the model has a chat template")
     p.add_argument("--user-name", default="You", help="your name in transcript mode (default: You)")
     p.add_argument("--bot-name", default="He", help="the model's name in transcript mode (default: He)")
-    p.add_argument("--once", default=None, metavar="MESSAGE", help="send one message, print the reply and exit")
+    p.add_argument("--once", default=None, metavar="MESSAGE",
+                   help="send one message, print the reply and exit (the message is taken as typed, like a prompt)")
     add_sampling_options(p)
     p.set_defaults(run=run, subparser=p)
 
@@ -64,23 +65,29 @@ def _settings(args: argparse.Namespace) -> dict:
 
 def run(args: argparse.Namespace) -> int:
     from ..chat import Chat, check_settings
+    from . import check_model_options, check_seed, model_probe
 
+    # Every argument is checked before the model loads: the flags, then the settings against the model's
+    # vocabulary and context window (model_probe: config and tokenizer, no weights).
     settings = check_settings(_settings(args))            # a bad value: ValueError -> usage error, exit 2
+    check_seed(args.seed)
     if args.user_name.strip() == args.bot_name.strip() or not args.user_name.strip() or not args.bot_name.strip():
         raise ValueError("--user-name and --bot-name must be different, non-empty names")
+    if args.once is not None and not args.once.strip():
+        raise ValueError("--once needs a message: the MESSAGE given is empty")
+    check_model_options(args)
     interactive = args.once is None and sys.stdin.isatty()
     message = args.once
     if args.once is None and not interactive:
         message = sys.stdin.read()
         if not message.strip():
             raise ValueError("no message: standard input is empty (pass --once MESSAGE or type in a terminal)")
+    probe = model_probe(args)
+    if probe is not None:
+        _check_against(probe, settings)
     if interactive:
         print(f"loading {args.model or 'the default model'} ...", file=sys.stderr, flush=True)
     lm = load_model(args)
-    if args.temperature is None and "do_sample" not in lm.generation_config:
-        # as `prosa generate`: a model that states no default samples as transformers' pipeline does
-        settings["temperature"] = PIPELINE_TEMPERATURE
-        settings.setdefault("top_k", PIPELINE_TOP_K)
 
     def notice(msg: str) -> None:
         print(f"[{msg}]", file=sys.stderr, flush=True)
@@ -94,6 +101,15 @@ def run(args: argparse.Namespace) -> int:
         sys.stdout.write("\n")
         return 0
     return Repl(chat).loop()
+
+
+def _check_against(probe, settings: dict) -> None:
+    """The settings against the model's tokenizer and context window (logit-bias ids in the vocabulary,
+    max_new_tokens within the window), as the first reply would check them, on a one-token request."""
+    from ..language_model import SAMPLING_FIELDS
+
+    known = set(SAMPLING_FIELDS) | {"max_new_tokens", "stop", "seed", "bad_words"}
+    probe.make_requests([[0]], **{k: v for k, v in settings.items() if k in known})
 
 
 class Repl:

@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import argparse
 
+from . import add_model_argument, model_argument
+
 TYPES = ("f16", "q8_0", "q4_1")   # = prosa.weights.gguf_export.TYPES, without importing torch for --help
 
 
 def register(sub) -> None:
     p = sub.add_parser("export", help="write a model as a GGUF file (llama.cpp, Ollama)", description=__doc__)
-    p.add_argument("model", nargs="?", default=None,
-                   help="model folder, .gguf file or Hub id (default: $PROSA_MODEL or the bundled SmolLM2-135M)")
+    add_model_argument(p, positional=True)
     p.add_argument("--gguf", required=True, metavar="OUT.gguf", help="the GGUF file to write")
     p.add_argument("--type", default="f16", metavar="TYPE",
                    help=f"tensor type: {', '.join(TYPES)} (default f16)")
@@ -22,6 +23,7 @@ def register(sub) -> None:
 
 def run(args: argparse.Namespace) -> int:
     # every argument is checked before the model is opened (a typo costs nothing, not a download or a load)
+    model_argument(args)
     kind = args.type.lower()
     if kind not in TYPES:
         raise ValueError(f"--type must be one of {', '.join(TYPES)}; got {args.type!r}")

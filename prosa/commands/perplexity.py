@@ -7,7 +7,7 @@ import argparse
 import json
 import sys
 
-from . import add_model_options, load_model
+from . import InputError, _positive_int, add_model_options, load_model
 
 
 def register(sub) -> None:
@@ -20,23 +20,9 @@ def register(sub) -> None:
                    help="tokens per model call (default: the context length, at most 2048)")
     p.add_argument("--stride", type=int, default=None,
                    help="tokens between window starts, at most --window (default: window // 2)")
-    p.add_argument("--batch-size", type=int, default=1, help="windows run through the model together")
+    p.add_argument("--batch-size", type=_positive_int, default=1, help="windows run through the model together")
     p.add_argument("--json", action="store_true", help="print one JSON record instead of text")
     p.set_defaults(run=run, subparser=p)
-
-
-def _read(path: str) -> str:
-    from ..errors import ProsaError
-
-    if path == "-":
-        return sys.stdin.read()
-    try:
-        with open(path, encoding="utf-8") as f:
-            return f.read()
-    except OSError as e:
-        raise ProsaError(f"cannot read {path}: {e.strerror or e}") from None
-    except UnicodeDecodeError as e:
-        raise ProsaError(f"cannot read {path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
 
 
 def run(args: argparse.Namespace) -> int:
@@ -49,11 +35,14 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"stride must be an integer >= 1, got {args.stride}")
     if args.window is not None and args.stride is not None and args.stride > args.window:
         raise ValueError(f"stride must be at most the window ({args.window} tokens), got {args.stride}")
-    if args.batch_size < 1:
-        raise ValueError(f"batch_size must be an integer >= 1, got {args.batch_size}")
+    from . import check_model_options, model_probe, read_text
     from ..perplexity import perplexity, reference_text
 
-    text = reference_text() if args.reference else _read(args.file)
+    check_model_options(args)
+    text = reference_text() if args.reference else read_text(args.file, args.file, "nothing to score")
+    probe = model_probe(args)
+    if probe is not None:
+        _check_against(probe, text, args)
     lm = load_model(args)
     res = perplexity(lm, text, window=args.window, stride=args.stride, batch_size=args.batch_size,
                      progress=sys.stderr.isatty())
@@ -69,3 +58,21 @@ def run(args: argparse.Namespace) -> int:
     print(f"windows     {res.windows} (window {res.window}, stride {res.stride})")
     print(f"seconds     {res.seconds:.2f}")
     return 0
+
+
+def _check_against(probe, text: str, args: argparse.Namespace) -> None:
+    """The window against the context length, and a short text's length in tokens, as ``perplexity`` will
+    check them once the weights are loaded (``probe``: the model without weights)."""
+    from ..perplexity import DEFAULT_MAX_WINDOW
+
+    context = int(probe.context_length)
+    window = args.window if args.window is not None else min(context, DEFAULT_MAX_WINDOW)
+    if window > context:
+        raise ValueError(f"window must be at most the model's context length ({context} tokens), got {window}")
+    if args.stride is not None and args.stride > window:
+        raise ValueError(f"stride must be at most the window ({window} tokens), got {args.stride}")
+    if len(text) < 64:      # a longer text has 2 tokens whatever the tokenizer (encoding a big file twice costs)
+        n = len(probe.tokenizer.encode(text))
+        if n < 2:
+            where = "standard input" if args.file == "-" else args.file
+            raise InputError(f"{where} holds {n} token(s); a perplexity needs at least 2: give a longer text")

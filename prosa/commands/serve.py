@@ -6,14 +6,17 @@ ready. SIGTERM or Ctrl-C stop accepting connections and let running streams fini
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
 import os
+import re
 import signal
+import socket
 import sys
 import threading
 from pathlib import Path
 
-from . import _positive_int, add_model_options, load_model
+from . import InputError, _positive_int, add_model_options, load_model
 
 BUNDLED_ID = "SmolLM2-135M-Instruct"
 DESCRIPTION = """Serve a model behind an OpenAI-compatible HTTP API (/v1/models, /v1/completions, /v1/chat/completions)
@@ -28,7 +31,7 @@ def register(sub) -> None:
     g = p.add_argument_group("server")
     g.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     g.add_argument("--port", type=int, default=8000, help="port (default 8000)")
-    g.add_argument("--api-key", default=os.environ.get("PROSA_API_KEY"),
+    g.add_argument("--api-key", default=None,
                    help="require 'Authorization: Bearer KEY' on the API (default: $PROSA_API_KEY; none: open)")
     g.add_argument("--model-name", default=None,
                    help="the model id clients use (default: the model's folder or file name, or its Hub id)")
@@ -58,19 +61,61 @@ def model_id(model: str | None) -> str:
     return model
 
 
-def run(args: argparse.Namespace) -> int:
+def _check_server_options(args: argparse.Namespace) -> str | None:
+    """The server flags, before anything loads; returns the API key (--api-key, else $PROSA_API_KEY, else None).
+
+    Raises:
+        ValueError: a value out of range (usage error). InputError: the address cannot be listened on.
+    """
     if not 0 < args.port < 65536:
         raise ValueError(f"--port must be between 1 and 65535, got {args.port}")
-    if args.max_body_mb <= 0 or args.drain_timeout < 0:
-        raise ValueError("--max-body-mb must be > 0 and --drain-timeout >= 0")
+    if not 0 < args.max_body_mb < float("inf"):
+        raise ValueError(f"--max-body-mb must be a number of MB > 0, got {args.max_body_mb}")
+    if not 0 <= args.drain_timeout < float("inf"):
+        raise ValueError(f"--drain-timeout must be a number of seconds >= 0, got {args.drain_timeout}")
+    if args.api_key is not None and not args.api_key.strip():
+        raise ValueError("--api-key is empty; give a key, or leave the flag out for an API open to all")
+    if args.model_name is not None and not args.model_name.strip():
+        raise ValueError("--model-name is empty; give the id clients should use, or leave the flag out")
+    for origin in args.cors_origin:
+        # a browser sends Origin as scheme://host[:port]: anything else (a trailing slash, a path) never matches
+        if origin != "*" and not re.fullmatch(r"https?://[^/\s]+", origin):
+            raise ValueError(f"--cors-origin {origin!r} is not an origin; write it as scheme://host[:port], e.g. "
+                             "http://localhost:3000 (no path, no trailing slash), or * for any")
+    _check_listen(args.host, args.port)
+    return args.api_key if args.api_key is not None else os.environ.get("PROSA_API_KEY") or None
+
+
+def _check_listen(host: str, port: int) -> None:
+    """Bind host:port once and let it go, as uvicorn will bind it, so that a port in use or a bad --host fails
+    before the model loads."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)     # as uvicorn: a port in TIME_WAIT is free
+        try:
+            s.bind((host, port))
+        except socket.gaierror as e:
+            raise InputError(f"--host {host}: not an address of this machine ({e.strerror}); use 127.0.0.1 "
+                             "(this machine only) or 0.0.0.0 (every interface)") from None
+        except OSError as e:
+            fix = {errno.EACCES: "ports below 1024 need root: pick --port 1024 or above",
+                   errno.EADDRNOTAVAIL: "that --host is not an address of this machine; use 127.0.0.1 or 0.0.0.0",
+                   }.get(e.errno, "pick another --port, or stop what uses this one")
+            raise InputError(f"cannot listen on {host}:{port}: {e.strerror}; {fix}") from None
+
+
+def run(args: argparse.Namespace) -> int:
+    from . import check_model_options, model_probe
+
+    check_model_options(args)
+    api_key = _check_server_options(args)
     import uvicorn
 
-    from ..loader import open_checkpoint
     from ..serve import ServerState, create_app
 
-    open_checkpoint(args.model, args.revision)      # a missing or broken model fails now, not in the background
+    model_probe(args)       # a missing or broken model or tokenizer fails now, not in the background
 
-    state = ServerState(model_id=args.model_name or model_id(args.model), api_key=args.api_key or None,
+    state = ServerState(model_id=args.model_name or model_id(args.model), api_key=api_key,
                         max_body=int(args.max_body_mb * (1 << 20)), max_waiting=args.max_waiting,
                         cors_origins=list(args.cors_origin))
     options = {k: v for k, v in (("max_batch", args.max_batch), ("kv_cache_tokens", args.kv_cache_tokens))

@@ -3,6 +3,6 @@
 Public pieces: ``Engine`` and its ``Handle``s, the ``Request`` a caller submits and the ``Event``s it gets back.
 """
 from .engine import Engine, Handle
-from .sequence import OVERFLOW_MODES, Event, Request, StopMatcher
+from .sequence import CONTEXT, OVERFLOW_MODES, Event, Request, StopMatcher
 
-__all__ = ["Engine", "Event", "Handle", "OVERFLOW_MODES", "Request", "StopMatcher"]
+__all__ = ["CONTEXT", "Engine", "Event", "Handle", "OVERFLOW_MODES", "Request", "StopMatcher"]

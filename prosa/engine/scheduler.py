@@ -17,7 +17,7 @@ from .batch import Picker
 from .blocks import BlockPool
 from .metrics import Metrics
 from .runner import PagedRunner, SoloRunner
-from .sequence import Event, Request, Sequence
+from .sequence import CONTEXT, Event, Request, Sequence
 
 if TYPE_CHECKING:
     from .engine import Handle
@@ -89,9 +89,10 @@ class Scheduler:
             self.live += req.n
             limit = (req.max_new_tokens if req.context_overflow == "slide"
                      else min(req.max_new_tokens, self.window - len(req.prompt)))
-            if limit <= 0 and req.prompt_logprobs is None:
+            if limit <= 0 and req.prompt_logprobs is None:     # the prompt fills the window (or max_new_tokens 0)
+                why = CONTEXT if limit < req.max_new_tokens else None
                 for j in range(req.n):
-                    self._finish(h, Event(j, h.tag, j, -1, "", finish_reason="length"))
+                    self._finish(h, Event(j, h.tag, j, -1, "", finish_reason="length", stop_reason=why))
                 continue
             leader = self._sequence(h, 0, list(req.prompt), limit)
             self.runner.start(leader, reuse=req.prompt_logprobs is None)
@@ -134,6 +135,7 @@ class Scheduler:
             if seq.limit <= 0:                                   # prompt log-probabilities only (max_tokens 0)
                 for j in range(h.request.n):
                     self._finish(h, Event(j, h.tag, j, -1, "", finish_reason="length",
+                                          stop_reason=CONTEXT if seq.limit < h.request.max_new_tokens else None,
                                           prompt_logprobs=seq.prompt_logprobs), seq if j == 0 else None)
                 continue
             seq.logits = logits
@@ -240,9 +242,11 @@ class Scheduler:
         elif tok in (req.eos_ids if req.eos_ids is not None else self.eos_ids) and not req.ignore_eos:
             reason, stop_reason = "stop", tok
         elif s.generated >= s.limit:
-            reason = "length"
+            # The limit is max_new_tokens, or less when the window (prompt included) fills first: say which.
+            reason, stop_reason = "length", CONTEXT if s.limit < req.max_new_tokens else None
         if reason and stop is None:
-            tail, stop = s.stop.feed(s.detok.finalize())
+            # An unfinished last character (the limit cut an emoji after its first byte) is dropped, not U+FFFD.
+            tail, stop = s.stop.feed(s.detok.finalize(drop_incomplete=True))
             text += tail if stop is not None else tail + s.stop.flush()
             if stop is not None:
                 stop_reason = stop

@@ -17,6 +17,9 @@ if TYPE_CHECKING:
     from .engine import Handle
 
 OVERFLOW_MODES = ("error", "slide")
+# The stop_reason of a sample that ended ("length") because prompt + output filled the context window before
+# max_new_tokens did (finish_reason stays "length", as OpenAI's API has it).
+CONTEXT = "context"
 
 
 @dataclass
@@ -68,12 +71,14 @@ class Event:
         request, sample: which request of the call and which of its n samples.
         token: the token id; -1 when the sequence ended without a new token (length 0, error, cancel).
         text: text this token made final (may be empty: held back for a multi-byte character or a possible
-            stop string; on the last event, whatever was held).
+            stop string; on the last event, whatever was held, less the bytes of an unfinished last character:
+            never a U+FFFD for a character the end cut in two).
         logprob, top_logprobs: when requested: log-probability of ``token`` and the most likely (id, logprob)
             pairs, under the model's own distribution (before temperature and filters).
         finish_reason: on the sequence's last event: "stop" (eos or a stop string), "length" (max_new_tokens or
             the context window), "error" (see ``error``) or "cancelled"; else None.
-        stop_reason: the stop string or eos id that ended it.
+        stop_reason: the stop string or eos id that ended it; with finish_reason "length", ``CONTEXT`` ("context")
+            when the context window ended it before max_new_tokens (None: max_new_tokens did).
         error: what went wrong, with finish_reason "error".
         prompt_logprobs: on a sample's first event when the request asked: (logprob, top alternatives) of each
             prompt token after the first.

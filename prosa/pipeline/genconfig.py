@@ -22,6 +22,8 @@ from typing import Any, Callable, Mapping
 
 import torch
 
+from ..defaults import FRONT_ENDS
+
 logger = logging.getLogger(__name__)
 
 #: transformers 5.24 ``GenerationConfig`` attributes (``vars(GenerationConfig())``, public ones).
@@ -52,8 +54,10 @@ GLOBAL_DEFAULTS: dict[str, Any] = {
     "remove_invalid_values": False,
 }
 
-#: ``TextGenerationPipeline._default_generation_config`` (text_generation.py).
-PIPELINE_DEFAULTS: dict[str, Any] = {"max_new_tokens": 256, "do_sample": True, "temperature": 0.7}
+#: ``TextGenerationPipeline._default_generation_config`` (text_generation.py), in transformers' terms: the
+#: "pipeline" front-end's row of ``prosa.defaults.FRONT_ENDS`` (the top-k 50 comes from ``GLOBAL_DEFAULTS``).
+PIPELINE_DEFAULTS: dict[str, Any] = {"max_new_tokens": FRONT_ENDS["pipeline"]["max_new_tokens"], "do_sample": True,
+                                     "temperature": FRONT_ENDS["pipeline"]["temperature"]}
 
 #: Pipeline defaults that only apply when sampling (``base.py`` ``_prepare_generate_kwargs``).
 _SAMPLING_PARAMS = frozenset({"temperature", "top_k", "top_p", "min_p", "top_h", "typical_p", "epsilon_cutoff",

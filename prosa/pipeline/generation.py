@@ -138,9 +138,15 @@ def new_ids(seqs: list[list[int]], plan: Plan) -> list[list[int]]:
 def new_text(pipe: TextGenerationPipeline, item: Item, ids: list[int], info: dict, plan: Plan) -> str:
     """The decoded continuation of one sequence, prosa's ``stop`` string cut off."""
     ids = item.ids + ids if item.empty else ids
-    text = pipe.tokenizer.decode(ids, skip_special_tokens=plan.skip_special_tokens)
+    if info.get("finish_reason") == "length" and hasattr(pipe.tokenizer, "detokenizer"):
+        # cut by a limit: an unfinished last character is dropped, never shown as U+FFFD (the engine's rule)
+        detok = pipe.tokenizer.detokenizer(skip_special_tokens=plan.skip_special_tokens)
+        text = "".join(detok.add_token(t) for t in ids) + detok.finalize(drop_incomplete=True)
+    else:
+        text = pipe.tokenizer.decode(ids, skip_special_tokens=plan.skip_special_tokens)
     stop = info.get("stop_reason")
-    if isinstance(stop, str) and stop in plan.prosa_stop and stop not in plan.stop_strings:
+    if info.get("finish_reason") == "stop" and isinstance(stop, str) and stop in plan.prosa_stop \
+            and stop not in plan.stop_strings:
         at = text.find(stop)
         if at >= 0:
             text = text[:at]

@@ -1,15 +1,15 @@
 """OpenAI request bodies -> prosa engine ``Request``s (and the prompt texts the responses need).
 
-Defaults follow OpenAI (temperature 1, top_p 1; completions 16 tokens; a chat reply runs until it ends or the
-window fills), except where the model's own generation_config samples: then its temperature/top_k/top_p apply
-to fields the client left out. Every check is made here, before anything reaches the engine; a failure is a
-``ServeError`` 400 naming the parameter.
+Fields the client leaves out take the model's generation_config, else OpenAI's defaults (temperature 1, top_p 1;
+completions 16 tokens; a chat reply runs until it ends or the window fills): ``prosa.defaults.resolve``. Every
+check is made here, before anything reaches the engine; a failure is a ``ServeError`` 400 naming the parameter.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..defaults import resolve
 from ..engine import Request
 from .protocol import ChatCompletionRequest, CompletionRequest, ServeError
 
@@ -29,17 +29,18 @@ class Plan:
 
 
 def _settings(lm, body, max_new: int | None) -> dict[str, Any]:
-    """make_requests keyword arguments for the fields both endpoints share."""
-    defaults = lm.sampling_defaults() if lm.generation_config.get("do_sample") else {}
-    kw: dict[str, Any] = {
-        "temperature": body.temperature if body.temperature is not None else defaults.get("temperature", 1.0),
-        "top_p": body.top_p if body.top_p is not None else defaults.get("top_p", 1.0),
-        "n": body.n, "seed": body.seed, "stop": body.stop, "ignore_eos": body.ignore_eos,
-        "presence_penalty": body.presence_penalty, "frequency_penalty": body.frequency_penalty,
-        "max_new_tokens": max_new,
-    }
-    if body.top_k is None and "top_k" in defaults:
-        kw["top_k"] = defaults["top_k"]
+    """make_requests keyword arguments for the fields both endpoints share.
+
+    Fields the client leaves out: the model's generation_config, else OpenAI's documented defaults (temperature
+    1, top_p 1), through ``prosa.defaults.resolve`` like every other front-end; ``max_new`` is the endpoint's.
+    """
+    given = {"temperature": body.temperature, "top_p": body.top_p, "top_k": body.top_k}
+    resolved = resolve(lm.generation_config, given, "openai")
+    kw: dict[str, Any] = {k: resolved[k] for k in ("temperature", "top_p", "top_k", "min_p", "typical_p",
+                                                   "repetition_penalty", "no_repeat_ngram_size") if k in resolved}
+    kw.update({"n": body.n, "seed": body.seed, "stop": body.stop, "ignore_eos": body.ignore_eos,
+               "presence_penalty": body.presence_penalty, "frequency_penalty": body.frequency_penalty,
+               "max_new_tokens": max_new})
     for name, arg in _EXTRAS.items():
         value = getattr(body, name)
         if value is not None:
