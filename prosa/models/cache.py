@@ -35,6 +35,20 @@ class Cache(Protocol):
         ...
 
 
+
+def checked(cache: object) -> Cache:
+    """``cache`` if it implements ``Cache``; else a TypeError naming what it lacks (e.g. the transformers
+    fallback's ``TransformersCache``, which holds transformers' own cache and cannot attend for a prosa model).
+
+    Raises:
+        TypeError: ``cache`` has no ``begin``/``attend``.
+    """
+    if not isinstance(cache, Cache):
+        lacks = [m for m in ("begin", "attend") if not callable(getattr(cache, m, None))]
+        raise TypeError(f"{type(cache).__name__} is not a prosa Cache (it lacks {', '.join(lacks)}): give a prosa "
+                        "model the cache its make_cache() returns, or None")
+    return cache
+
 class KVCache:
     """K/V cache for ``num_layers`` layers and ``batch_size`` sequences.
 

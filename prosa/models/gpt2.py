@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from .base import BaseModelArgs, activation, merge_heads, split_heads, tie_output, untie
-from .cache import Cache, KVCache
+from .cache import Cache, KVCache, checked
 
 _CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 
@@ -107,7 +107,7 @@ class Model(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, cache: Cache | None = None,
                 attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        cache = cache if cache is not None else self.make_cache(input_ids.shape[0])
+        cache = checked(cache) if cache is not None else self.make_cache(input_ids.shape[0])
         positions = cache.begin(input_ids, attention_mask)                          # (B, T)
         h = self.transformer.wte(input_ids) + self.transformer.wpe(positions)       # (B, T, C)
         for block in self.transformer.h:

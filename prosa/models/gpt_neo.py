@@ -14,7 +14,7 @@ from torch import nn
 
 from ..errors import CorruptModelError
 from .base import BaseModelArgs, activation, merge_heads, split_heads, tie_output, untie
-from .cache import Cache, KVCache
+from .cache import Cache, KVCache, checked
 
 
 def expand_attention_types(attention_types: list) -> list[str]:
@@ -140,7 +140,7 @@ class Model(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, cache: Cache | None = None,
                 attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        cache = cache if cache is not None else self.make_cache(input_ids.shape[0])
+        cache = checked(cache) if cache is not None else self.make_cache(input_ids.shape[0])
         positions = cache.begin(input_ids, attention_mask)                          # (B, T)
         h = self.transformer.wte(input_ids) + self.transformer.wpe(positions)       # (B, T, C)
         for block in self.transformer.h:

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from .base import BaseModelArgs, RoPE, activation, merge_heads, tie_output, untie
-from .cache import Cache, KVCache
+from .cache import Cache, KVCache, checked
 
 
 @dataclass
@@ -115,7 +115,7 @@ class Model(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, cache: Cache | None = None,
                 attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        cache = cache if cache is not None else self.make_cache(input_ids.shape[0])
+        cache = checked(cache) if cache is not None else self.make_cache(input_ids.shape[0])
         positions = cache.begin(input_ids, attention_mask)         # (B, T)
         h = self.gpt_neox.embed_in(input_ids)                      # (B, T, C)
         cos_sin = self.rope.cos_sin(positions, h.dtype)            # each (B, 1, T, rotary dims)

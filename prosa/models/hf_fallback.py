@@ -19,7 +19,12 @@ def available() -> bool:
 
 
 class TransformersCache:
-    """transformers' own cache object plus the attention mask of every slot so far, (B, S)."""
+    """transformers' own cache object plus the attention mask of every slot so far, (B, S).
+
+    Not a ``prosa.models.cache.Cache``: transformers attends inside its own layers, so there is no ``begin`` /
+    ``attend`` to offer. The two refuse each other: ``TransformersModel`` takes only this cache, and prosa's models
+    (``cache.checked``) refuse this one; the engine runs the fallback on ``SoloRunner``, never on the paged cache.
+    """
 
     def __init__(self):
         self.past = None
@@ -45,7 +50,11 @@ class TransformersModel(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, cache: TransformersCache | None = None,
                 attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        cache = cache if cache is not None else TransformersCache()
+        if cache is None:
+            cache = TransformersCache()
+        elif not isinstance(cache, TransformersCache):
+            raise TypeError(f"the transformers fallback keeps transformers' own cache: give it the TransformersCache "
+                            f"its make_cache() returns, or None (got {type(cache).__name__})")
         new = torch.ones_like(input_ids) if attention_mask is None else attention_mask.to(torch.long)
         full = new if cache.mask is None else torch.cat([cache.mask, new], dim=1)      # (B, S)
         positions = (full.cumsum(1) - 1).clamp_min(0)[:, -input_ids.shape[1]:]         # (B, T)

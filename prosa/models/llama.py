@@ -13,7 +13,7 @@ from torch import nn
 
 from .base import (BaseModelArgs, RoPE, activation, fuse, merge_heads, split_heads, tie_output, unfuse,
                    untie)
-from .cache import Cache, KVCache
+from .cache import Cache, KVCache, checked
 
 
 @dataclass
@@ -154,7 +154,7 @@ class Model(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, cache: Cache | None = None,
                 attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        cache = cache if cache is not None else self.make_cache(input_ids.shape[0])
+        cache = checked(cache) if cache is not None else self.make_cache(input_ids.shape[0])
         positions = cache.begin(input_ids, attention_mask)
         h = self.model.embed_tokens(input_ids)                  # (B, T, C)
         cos_sin = self.rope.cos_sin(positions, h.dtype)
