@@ -3,7 +3,6 @@ decides as documented, and a compile that fails is said once and the run goes on
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
@@ -11,17 +10,7 @@ import torch
 import prosa
 from prosa.training import compiled
 
-from test_finetune import QUICK, assert_same_weights, losses
-
-
-@pytest.fixture(scope="module")
-def stories(tmp_path_factory) -> Path:
-    import tiny
-
-    folder = tmp_path_factory.mktemp("stories-compile")
-    for i in range(12):
-        (folder / f"story{i:02}.txt").write_text(tiny.CORPUS[i % 6] + f" The end of story {i}.")
-    return folder
+from test_finetune import QUICK, assert_same_weights, losses, stories  # noqa: F401  (stories: a fixture)
 
 
 def test_auto_compiles_only_long_runs_on_cpu_or_cuda_with_a_compiler(monkeypatch):

@@ -146,8 +146,16 @@ def run(args: argparse.Namespace) -> int:
     else:
         prompts = [sys.stdin.read() if args.prompt == "-" else args.prompt]
     probe = model_probe(args)
-    if probe is not None:
-        probe.make_requests(prompts[:1], **kw)     # the prompt's length, token ids, settings vs the vocabulary
+    if probe is not None:   # every prompt's length and token ids, the settings vs the vocabulary and window
+        if args.file:
+            for i, line in enumerate(lines):
+                if line.strip():
+                    try:
+                        probe.make_requests([line], **kw)
+                    except ValueError as e:
+                        raise ValueError(f"--file {args.file} line {i + 1}: {e}") from None
+        else:
+            probe.make_requests(prompts, **kw)
     lm = load_model(args)
     if args.file:
         return _run_file(lm, lines, kw, args)
