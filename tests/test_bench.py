@@ -56,3 +56,33 @@ def test_quick_serving_benchmark_writes_its_section(tmp_path: Path) -> None:
     for r in rows:
         assert float(r[2]) > 0 and float(r[4]) > 0 and 0 < float(r[5]) < 60, r     # static, span, TTFT p50
     assert re.search(r"newcomer TTFT p95 / solo TTFT .*\| [\d.]+x \| <= 2x \| (PASS|MISS) \|", text)
+
+
+@pytest.mark.slow
+def test_quick_quality_benchmark_writes_both_tables(tmp_path: Path) -> None:
+    """``bench/quality.py --quick``: the bundled GGUF's table, then a GPT-2-shaped float model trained by the bench
+    (seconds) and its table; both judged against the targets, with numbers in every cell."""
+    out = tmp_path / "bench.md"
+    out.write_text("# Benchmarks\n\n## Other section\n\nkept\n\n## Quality of the weight formats\n\nold\n")
+    p = subprocess.run([sys.executable, str(ROOT / "bench" / "quality.py"), "--quick", "--output", str(out)],
+                       cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
+    text = out.read_text()
+    assert "kept" in text and "\nold\n" not in text and text.count("## Quality of the weight formats") == 1
+    section = text.split("## Quality of the weight formats", 1)[1]
+    gguf, trained = section.split("### 2.", 1)
+    assert "Q4_1 blocks dequantized" in gguf and "exact by construction" in gguf
+    for part in (gguf, trained):
+        rows = {r[0]: r for r in ([c.strip() for c in line.strip("|").split("|")] for line in part.splitlines()
+                                  if re.match(r"\| (none|bf16|int8|int4) \|", line))}
+        assert list(rows) == ["none", "bf16", "int8", "int4"], part
+        for fmt, r in rows.items():
+            assert float(r[1]) > 1 and re.fullmatch(r"[+-]\d+\.\d\d%", r[2]), r
+            assert re.fullmatch(r"(\d+/16, ){4}\d+/16", r[4]), r
+        assert rows["none"][2] == "+0.00%" and rows["none"][4] == "16/16, 16/16, 16/16, 16/16, 16/16"
+        assert re.fullmatch(r"<= 1%: (PASS|MISS)", rows["int8"][3]) and re.fullmatch(r"<= 5%: (PASS|MISS)", rows["int4"][3])
+        assert re.search(r"int8 greedy text equal to float32 .*: (PASS|MISS)", part)
+    # The trained model is float32 weights, not GGUF blocks, and training brought it well below uniform guessing.
+    assert "GGUF" not in trained.split("| int4 |", 1)[1].splitlines()[0]
+    m = re.search(r"float32 perplexity (\d+) before training .*?, ([\d.]+) after", trained)
+    assert m and float(m.group(2)) < 0.8 * float(m.group(1)), trained

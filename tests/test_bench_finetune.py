@@ -36,7 +36,8 @@ def test_quick_finetune_benchmark_writes_its_section(tiny_checkpoint, tmp_path: 
     for key in expected:
         tok_s, rss, first, mfu = rows[key][4], rows[key][6], rows[key][7], rows[key][9]
         assert float(re.match(r"[\d.]+", tok_s).group()) > 0 and float(rss) > 50 and mfu.endswith("%"), rows[key]
-        assert float(first) >= 0, rows[key]         # the first step (prosa's compile, when on) is reported apart
+        # the first step (prosa's compile, when on) is reported apart: seconds with two decimals
+        assert re.fullmatch(r"\d+\.\d\d", first), rows[key]
     assert re.search(r"\| float32 \| 1024 x 576 @ 576 x 1536 \| \d+ \|", text)
     if _has_finetune():
         assert re.search(r"prosa LoRA \((auto|float32)\) / transformers\+PEFT at its faster \((float32|bf16 autocast)\) "

@@ -30,13 +30,16 @@ def lm(gguf_path):
 def test_greedy_continuations_equal_transformers(lm, bundled_hf):
     hf_model, hf_tok = bundled_hf
     ours = lm.generate(PROMPTS, max_new_tokens=64, temperature=0)      # one batch of 3 prompts
+    assert [r.index for r in ours] == [0, 1, 2]       # one result per prompt (zip alone would pass on fewer)
     for prompt, res in zip(PROMPTS, ours):
         ids = hf_tok(prompt, return_tensors="pt").input_ids
         assert ids[0].tolist() == res.prompt_tokens
         out = hf_model.generate(ids, max_new_tokens=64, do_sample=False)[0, ids.shape[1]:].tolist()
-        assert res.tokens == out[: len(res.tokens)], prompt
+        # the whole continuation, eos included where both stop (a prefix cut to prosa's length would pass on an
+        # empty or early-ended result)
+        assert res.tokens == out, prompt
         assert len(res.tokens) == 64 or res.finish_reason == "stop"
-        assert res.text == hf_tok.decode(out[: len(res.tokens)], skip_special_tokens=True)
+        assert res.text == hf_tok.decode(out, skip_special_tokens=True)
 
 
 def test_prompt_logits_close_to_transformers(lm, bundled_hf):

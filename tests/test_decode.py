@@ -108,6 +108,8 @@ def test_fused_greedy_text_equals_the_model(bundled_gguf, monkeypatch, mode, agr
     monkeypatch.setenv("PROSA_FUSED", "0")
     plain = lm.generate(prompts, max_new_tokens=32, temperature=0, ignore_eos=True)
     assert lm.engine.runner.step is lm.model
+    # all 32 tokens came on both paths (failed requests end with none, and [] == [] would pass)
+    assert [len(r.tokens) for r in fused + plain] == [32] * 6
     assert [r.tokens[:agree] for r in fused] == [r.tokens[:agree] for r in plain]
 
 

@@ -144,6 +144,7 @@ def test_split_holds_out_documents_and_is_seeded(tmp_path, tok):
     assert a.split_by == "documents" and a.val_documents == 2
     assert torch.equal(a.val.ids, b.val.ids) and not torch.equal(a.val.ids, c.val.ids)
     one = prepare(records[:1], Encoder(tok), 8, 0.2, seed=0)     # one document: held-out pieces instead
-    assert one.split_by == "pieces" and one.val is not None
+    assert one.split_by == "pieces" and one.val.trained_tokens > 0 and one.train.trained_tokens > 0
+    assert one.train.trained_tokens + one.val.trained_tokens == one.tokens - 1    # each once; the first is context
     none = prepare(records[:1], Encoder(tok), 64, 0.1, seed=0)
     assert none.split_by == "none" and none.val is None

@@ -127,9 +127,11 @@ def test_same_seed_same_text_and_batch_equals_alone(llama):
 
 def test_greedy_batch_equals_alone(gpt2):
     prompts = ["Once upon a time there was", "A", "def main():\n    print("]
-    batch = gpt2.generate(prompts, max_new_tokens=24, temperature=0)
+    batch = gpt2.generate(prompts, max_new_tokens=24, temperature=0, ignore_eos=True)
+    # one result per prompt, in order (zip alone would pass on a short or empty batch)
+    assert [r.index for r in batch] == [0, 1, 2] and all(len(r.tokens) == 24 for r in batch)
     for p, r in zip(prompts, batch):
-        assert gpt2.generate(p, max_new_tokens=24, temperature=0).tokens == r.tokens
+        assert gpt2.generate(p, max_new_tokens=24, temperature=0, ignore_eos=True).tokens == r.tokens
 
 
 def test_n_samples_share_one_prefill(llama):
@@ -198,7 +200,7 @@ def test_reproducibility_record(llama):
                  "no_repeat_ngram_size", "logit_bias", "min_new_tokens", "max_new_tokens", "stop"):
         assert name in s, name
     again = llama.generate("A story", **{k: s[k] for k in ("max_new_tokens", "temperature", "top_k", "seed", "stop")})
-    assert again.tokens == res.tokens
+    assert len(res.tokens) == 4 and again.tokens == res.tokens        # (two failed runs would be equal too)
     json.dumps(s)   # the record is JSON-serialisable
 
 
@@ -236,7 +238,7 @@ def test_cli_flags(tiny_checkpoint, tmp_path):
               "--stop", "zz", "--max-length", "30")
     assert run.returncode == 0, run.stderr
     recs = [json.loads(line) for line in dest.read_text().splitlines()]
-    assert [r["prompt"] for r in recs] == ["Once upon", "A story", "Hello"] and [r["index"] for r in recs] == [0, 1, 2]
+    assert [r.get("prompt") for r in recs] == ["Once upon", "A story", None, "Hello"] and [r["index"] for r in recs] == [0, 1, 2, 3]
 
 
 @pytest.mark.parametrize("args, word", [

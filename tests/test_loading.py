@@ -156,9 +156,15 @@ def test_transformers_fallback_for_other_architectures(tmp_path, capfd):
     ids = torch.tensor([[2, 5, 17, 42, 99]])
     with torch.no_grad():
         torch.testing.assert_close(lm.model(ids), hf(ids).logits, atol=1e-5, rtol=0)
-    res = lm.generate("A story", max_new_tokens=8, temperature=0)
-    ref = hf.generate(torch.tensor([lm.tokenizer.encode("A story")]), max_new_tokens=8, do_sample=False)
-    assert res.tokens == ref[0, len(res.prompt_tokens):].tolist()[: len(res.tokens)]
+    # greedy through prosa's engine equals transformers' own greedy loop, all 8 tokens (eos or not: a comparison
+    # cut to prosa's length would pass on an empty or early-stopped result)
+    res = lm.generate("A story", max_new_tokens=8, temperature=0, ignore_eos=True)
+    assert res.prompt_tokens == lm.tokenizer.encode("A story")
+    seq = torch.tensor([res.prompt_tokens])                     # (1, T), grows by one token a step
+    with torch.no_grad():
+        for _ in range(8):
+            seq = torch.cat([seq, hf(seq).logits[:, -1:].argmax(-1)], dim=1)
+    assert len(res.tokens) == 8 and res.tokens == seq[0, len(res.prompt_tokens):].tolist()
 
 
 def test_default_model_is_the_bundled_gguf(monkeypatch):

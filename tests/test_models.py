@@ -124,6 +124,9 @@ def test_greedy_generation(pair, name):
 def test_batch_generation_equals_single(pair, name):
     _, _, lm = pair(name)
     batched = lm.generate(BATCH, max_new_tokens=16, temperature=0)
+    # one result per prompt (zip alone passes on fewer), each generated (two failed runs are equal: no tokens)
+    assert [(r.index, r.finish_reason in ("length", "stop") and len(r.tokens) > 0) for r in batched] == \
+        [(0, True), (1, True), (2, True)]
     for text, res in zip(BATCH, batched):
         alone = lm.generate(text, max_new_tokens=16, temperature=0)
         assert_same_greedy(res.tokens, alone.tokens, lm.encode(text), lm.model)

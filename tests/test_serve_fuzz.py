@@ -49,6 +49,10 @@ def test_fuzzed_requests_never_get_a_5xx(fuzz_server, path):
         if r.status_code == 400 and len(errors) < 40:
             errors.append(r.json()["error"]["message"][:160])
         assert r.status_code < 500, (r.status_code, r.text[:500], body)
+        # the engine's own failures (a crashed prompt or step) reach the client as a 400 "generation failed: ...",
+        # which the 5xx check above cannot see; no OpenAI field can make a request fail that way on purpose
+        if r.status_code == 400:
+            assert not r.json()["error"]["message"].startswith("generation failed"), (r.text[:500], body)
         if r.status_code >= 400:
             assert set(r.json()["error"]) == {"message", "type", "param", "code"}
         elif r.headers.get("content-type", "").startswith("application/json"):
@@ -56,4 +60,6 @@ def test_fuzzed_requests_never_get_a_5xx(fuzz_server, path):
 
     check()
     assert httpx.get(fuzz_server + "/health").status_code == 200
+    # both halves of the claim ran: some bodies were refused, some reached the model and were answered
     assert any(code >= 400 for code in seen), (seen, errors)
+    assert any(200 <= code < 300 for code in seen), (seen, errors)
