@@ -17,14 +17,14 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 from tokenizers import AddedToken, Tokenizer as Backend, decoders, models, normalizers
 
 import prosa
 from prosa.detokenizer import _byte_level_chars, incomplete_tail
 from prosa.engine import Request
-from prosa.models.cache import KVCache
 from prosa.tokenizer import Tokenizer
+
+from test_generate import Scripted
 
 _SCRIPT = Path(sys.executable).with_name("prosa")
 PROSA = [str(_SCRIPT)] if _SCRIPT.exists() else [sys.executable, "-m", "prosa.cli"]
@@ -116,29 +116,9 @@ def test_invalid_bytes_stay_replacement_characters(gpt2):
 
 
 # -- through the engine: lm.generate and lm.stream --------------------------------------------------------------------
-class Scripted(torch.nn.Module):
-    """A fake model that emits a fixed token script (one-hot logits), then repeats its last token."""
-
-    def __init__(self, script: list[int], vocab: int, prompt_len: int):
-        super().__init__()
-        self.script, self.vocab, self.prompt_len, self.context_length = script, vocab, prompt_len, 512
-        self.w = torch.nn.Parameter(torch.zeros(1))
-
-    def make_cache(self, b):
-        return KVCache(1, b)
-
-    def forward(self, ids, cache=None, attention_mask=None):
-        cache = cache or self.make_cache(ids.shape[0])
-        start = cache.offset
-        cache.begin(ids, attention_mask)
-        out = torch.full((ids.shape[0], ids.shape[1], self.vocab), -1e9)
-        step = start + ids.shape[1] - self.prompt_len
-        out[:, -1, self.script[min(step, len(self.script) - 1)]] = 0
-        return out
-
-
 def scripted(tok: Tokenizer, script: list[int]) -> prosa.LanguageModel:
-    model = Scripted(script, tok.vocab_size, len(tok.encode("x")))
+    model = Scripted(script, tok.vocab_size)
+    model.prompt_len = len(tok.encode("x"))
     return prosa.LanguageModel(model, tok, {"vocab_size": tok.vocab_size}, {}, "scripted")
 
 
