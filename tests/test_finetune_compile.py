@@ -76,3 +76,34 @@ def test_cli_compile_flag_is_checked_before_loading(tmp_path):
     assert p.returncode == 2 and "--compile" in p.stderr and "Traceback" not in p.stderr
     with pytest.raises(prosa.ProsaError, match="--compile must be one of auto, on, off"):
         prosa.finetune(tmp_path / "a.txt", tmp_path / "out", compile="sometimes")
+
+
+@pytest.mark.parametrize("window", [None, 5])
+@pytest.mark.parametrize("heads", [(4, 4), (6, 2)])
+def test_explicit_attention_equals_sdpa_values_and_gradients(window, heads, monkeypatch):
+    """The written-out attention of a compiled step computes what SDPA does: documents, padding, window, GQA."""
+    from prosa.training.attention import PackedAttention
+
+    h, hk = heads
+    torch.manual_seed(0)
+    segments = torch.tensor([[0, 0, 0, 1, 1, 1, 1, 2, 2, -1, -1, -1],
+                             [0] * 12])                         # a packed row with padding; a one-document row
+    q = torch.randn(2, h, 12, 8, requires_grad=True)
+    k = torch.randn(2, hk, 12, 8, requires_grad=True)
+    v = torch.randn(2, hk, 12, 8, requires_grad=True)
+    g = torch.randn(2, h, 12, 8)
+    outs, grads = [], []
+    for explicit in (False, True):
+        out = PackedAttention(segments, explicit=explicit).attend(0, q, k, v, window=window, scale=0.3)
+        outs.append(out.detach())
+        grads.append(torch.autograd.grad(out, (q, k, v), g))
+    assert torch.allclose(outs[1], outs[0], atol=1e-6)
+    for a, b in zip(grads[1], grads[0], strict=True):
+        assert torch.allclose(a, b, atol=1e-5)
+    # and it really is the other path
+    def no_sdpa(*args, **kwargs):
+        raise AssertionError("SDPA called")
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", no_sdpa)
+    PackedAttention(segments, explicit=True).attend(0, q, k, v, window=window, scale=0.3)
+    with pytest.raises(AssertionError, match="SDPA called"):
+        PackedAttention(segments, explicit=False).attend(0, q, k, v, window=window, scale=0.3)

@@ -3,11 +3,19 @@
 It stores nothing (the whole row is one forward) and gives each document of a row its own positions, starting at
 0, and its own causal attention: a token sees the earlier tokens of its own document only, within the layer's
 sliding window if it has one. So a packed row computes exactly what its documents would compute alone.
+
+In a compiled training step (``--compile``, ``explicit=True``), attention over short rows is written out (scores, mask,
+softmax, weighted sum) instead of calling SDPA: Inductor fuses the scale, mask and softmax around two batched
+matmuls, where PyTorch's CPU flash kernel (bf16, 64-wide heads) runs at ~80 GFLOP/s. Measured on SmolLM2-135M
+(4 x 256 tokens, 2 EPYC cores, bf16): forward + backward of one layer 21 -> 16 ms, the whole LoRA step 1.10x.
+The written-out form keeps the (B, H, T, T) probabilities for backward, so it is used only while they stay small.
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+
+EXPLICIT_MAX_BYTES = 16 * 2**20   # written-out attention while one layer's float32 scores fit in this
 
 
 class PackedAttention:
@@ -15,10 +23,13 @@ class PackedAttention:
 
     Args:
         segments: (B, T) long, the document of each token (-1 for padding, which sees only other padding).
+        explicit: write attention out as plain operations (for Inductor to fuse) while it is small enough. Set by
+            the caller rather than detected, so that a block recomputed by activation checkpointing takes the same
+            path as its forward did.
     """
 
-    def __init__(self, segments: torch.Tensor):
-        self.segments = segments
+    def __init__(self, segments: torch.Tensor, explicit: bool = False):
+        self.segments, self.explicit = segments, explicit
         b, t = segments.shape
         # a row holding one document and no padding needs no mask: SDPA's causal kernel is faster
         self.plain = bool((segments == segments[:, :1]).all()) and bool((segments >= 0).all())
@@ -36,16 +47,19 @@ class PackedAttention:
     def mask(self, window: int | None, device: torch.device) -> torch.Tensor:
         """(B, 1, T, T) bool: same document, causal, within ``window`` when given; the diagonal always."""
         if window not in self._masks:
-            seg = self.segments.to(device)
-            t = seg.shape[1]
-            i = torch.arange(t, device=device)[:, None]
-            j = torch.arange(t, device=device)[None, :]
-            allowed = j <= i
-            if window is not None:
-                allowed = allowed & (i - j < window)
-            same = seg[:, :, None] == seg[:, None, :]              # (B, T, T)
-            self._masks[window] = ((same & allowed) | (i == j))[:, None]
+            self._masks[window] = self._allowed(window, device)
         return self._masks[window]
+
+    def _allowed(self, window: int | None, device: torch.device) -> torch.Tensor:
+        seg = self.segments.to(device)
+        t = seg.shape[1]
+        i = torch.arange(t, device=device)[:, None]
+        j = torch.arange(t, device=device)[None, :]
+        allowed = j <= i
+        if window is not None:
+            allowed = allowed & (i - j < window)
+        same = seg[:, :, None] == seg[:, None, :]              # (B, T, T)
+        return ((same & allowed) | (i == j))[:, None]
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, window: int | None = None,
                scale: float | None = None, upcast: bool = False) -> torch.Tensor:
@@ -53,6 +67,9 @@ class PackedAttention:
         dtype = q.dtype
         if upcast:
             q, k, v = q.float(), k.float(), v.float()
+        b, h, t, _ = q.shape
+        if self.explicit and b * h * t * t * 4 <= EXPLICIT_MAX_BYTES:
+            return self._explicit(q, k, v, window, scale).to(dtype)
         gqa = q.shape[1] != k.shape[1]
         if self.plain and (window is None or window >= q.shape[2]):
             out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=gqa)
@@ -60,3 +77,17 @@ class PackedAttention:
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=self.mask(window, q.device), scale=scale,
                                                  enable_gqa=gqa)
         return out.to(dtype)
+
+    def _explicit(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int | None,
+                  scale: float | None) -> torch.Tensor:
+        """Masked softmax attention as plain operations, for Inductor; (B, H, T, D) in q's dtype."""
+        b, h, t, d = q.shape
+        hk = k.shape[1]
+        g = h // hk
+        # grouped-query heads: the g query heads of a key head share one (g*T, D) @ (D, T) matmul
+        s = (q.reshape(b, hk, g * t, d) @ k.transpose(-1, -2)).view(b, hk, g, t, t)
+        s = s.float() * (scale if scale is not None else d ** -0.5)
+        # the mask made here, not cached: inside the compiled graph it fuses into the masking loop
+        s = s.masked_fill(~self._allowed(window, q.device)[:, :, None], float("-inf"))   # (B, 1, 1, T, T)
+        p = s.softmax(-1).to(q.dtype).view(b, hk, g * t, t)
+        return (p @ v).view(b, h, t, d)

@@ -22,7 +22,7 @@ from . import compiled
 from .model_prep import adamw, checkpoint_blocks, frozen_in, set_threads, tie_parameters
 from .config import Settings, SettingsError
 from .data import Encoder, data_hash, prepare, read_records
-from ..weights.assemble import _trim_heap
+from .. import heap
 from .export import write_json
 from .progress import Progress, duration, estimate, run_record
 from .trainer import Dist, Signals, Stream, TrainingInterrupted, loss_sum, lr_lambda, native_bf16, sample, \
@@ -143,7 +143,7 @@ class Run:
         self.loss_head = None
         if s.method == "lora" and self.amp_dtype is not None:
             self.loss_head = frozen_in(model, self.amp_dtype, output_layer(model))
-            _trim_heap()        # the float32 copies just dropped
+            heap.trim()        # the float32 copies just dropped
         self.compiler = compiled.Compiler(model, self.compile)
         if s.grad_checkpoint:
             checkpoint_blocks(model)        # outside the compiled forward: its recomputation runs compiled too
@@ -186,29 +186,30 @@ class Run:
         signals = Signals()
         train_loss, stopped_early, step = None, False, self.start
         try:
-            if self.start == 0 and self.data.val is not None:
-                self.evaluate(0)            # the starting point of the validation curve
-            for step in range(self.start + 1, self.total + 1):
-                start = time.perf_counter()
-                train_loss, tokens, trained = self.optimizer_step(stream, step - 1)
-                took = time.perf_counter() - start
-                self.elapsed += took
-                progress.step(step=step, loss=train_loss, lr=self.scheduler.get_last_lr()[0], tokens=tokens,
-                              trained_tokens=trained, step_s=round(took, 4), tok_s=tokens / took,
-                              elapsed_s=round(self.elapsed, 3), epoch=round(stream.epoch(step), 4))
-                if self.data.val is not None and (step % self.eval_every == 0 or step == self.total):
-                    stopped_early = self.evaluate(step)
-                caught = int(dist.sum(float(signals.caught or 0))[0]) if dist.world > 1 else signals.caught
-                if step % self.save_every == 0 or caught or stopped_early:
-                    self.save(step)
-                if caught:
-                    raise TrainingInterrupted(f"stopped at step {step}/{self.total}; checkpoint saved in "
-                                              f"{self.checkpoints / f'step-{step}'}; continue with --resume",
-                                              int(caught))
-                if stopped_early:
-                    progress.say(f"early stop: validation loss has not improved for {s.patience} evaluations; "
-                                 f"keeping step {self.best_step}")
-                    break
+            with heap.keep_freed():     # CPU: the step's big tensors reuse their pages
+                if self.start == 0 and self.data.val is not None:
+                    self.evaluate(0)            # the starting point of the validation curve
+                for step in range(self.start + 1, self.total + 1):
+                    start = time.perf_counter()
+                    train_loss, tokens, trained = self.optimizer_step(stream, step - 1)
+                    took = time.perf_counter() - start
+                    self.elapsed += took
+                    progress.step(step=step, loss=train_loss, lr=self.scheduler.get_last_lr()[0], tokens=tokens,
+                                  trained_tokens=trained, step_s=round(took, 4), tok_s=tokens / took,
+                                  elapsed_s=round(self.elapsed, 3), epoch=round(stream.epoch(step), 4))
+                    if self.data.val is not None and (step % self.eval_every == 0 or step == self.total):
+                        stopped_early = self.evaluate(step)
+                    caught = int(dist.sum(float(signals.caught or 0))[0]) if dist.world > 1 else signals.caught
+                    if step % self.save_every == 0 or caught or stopped_early:
+                        self.save(step)
+                    if caught:
+                        raise TrainingInterrupted(f"stopped at step {step}/{self.total}; checkpoint saved in "
+                                                  f"{self.checkpoints / f'step-{step}'}; continue with --resume",
+                                                  int(caught))
+                    if stopped_early:
+                        progress.say(f"early stop: validation loss has not improved for {s.patience} evaluations; "
+                                     f"keeping step {self.best_step}")
+                        break
         finally:
             signals.restore()
             progress.close()
@@ -248,7 +249,7 @@ class Run:
             sync = k == len(micro) - 1 or dist.world == 1
             with (contextlib.nullcontext() if sync else self.ddp.no_sync()):
                 summed, _ = loss_sum(self.ddp, self.model, self.head_name, batch, self.autocast, self.loss_head,
-                                     self.compiler.loss)
+                                     self.compiler.loss, explicit_attention=self.compiler.enabled)
                 # DDP averages gradients over processes: scale so that the result is sum / (all trained tokens)
                 (summed * (dist.world / max(count, 1))).backward()
             total_loss += float(summed.detach())
@@ -286,7 +287,7 @@ class Run:
             self.best, self.best_step, self.bad_evals = val_loss, step, 0
             if dist.main:
                 ckpt.save(self.checkpoints / "best", self, self.meta(step), with_state=False)
-                _trim_heap()
+                heap.trim()
         else:
             self.bad_evals += 1
         dist.barrier()
@@ -301,7 +302,7 @@ class Run:
         if self.dist.main:
             ckpt.save(self.checkpoints / f"step-{step}", self, self.meta(step))
             ckpt.prune(self.checkpoints, self.settings.keep_checkpoints)
-            _trim_heap()        # the merged copy just written: give its memory back
+            heap.trim()        # the merged copy just written: give its memory back
         self.dist.barrier()
 
     # ------------------------------------------------------------------------------------------------ finish

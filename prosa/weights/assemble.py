@@ -21,6 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .. import heap
 from ..errors import CorruptModelError
 from ..quant import QuantizedLinear
 from .gguf import one_thread
@@ -123,19 +124,8 @@ def load_weights(model: nn.Module, ck: Any, dtype: torch.dtype, device: torch.de
     """
     with one_thread():
         report = _load_weights(model, ck, dtype, device, mode)
-    _trim_heap()
+    heap.trim()
     return report
-
-
-def _trim_heap() -> None:
-    """Give the heap memory freed by loading (float copies, temporaries) back to the system (glibc keeps it)."""
-    import ctypes
-    import ctypes.util
-
-    try:
-        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):   # not glibc
-        pass
 
 
 _TRIM_BYTES = 4 << 20      # a quantized group whose float copies took this much gives the memory back at once
@@ -194,7 +184,7 @@ def _load_weights(model: nn.Module, ck: Any, dtype: torch.dtype, device: torch.d
             floats = sum(t.numel() * t.element_size() for t in pending[g].values()) if quantize else 0
             flush(pending.pop(g))      # no other reference: sanitize's fusions free the parts as they go
             if floats >= _TRIM_BYTES:
-                _trim_heap()    # the layer's float copies: freed, but glibc keeps them unless asked (+40 MB/16 layers)
+                heap.trim()    # the layer's float copies: freed, but glibc keeps them unless asked (+40 MB/16 layers)
     for state in pending.values():
         flush(state)
 

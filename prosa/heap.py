@@ -1,0 +1,64 @@
+"""The C heap under PyTorch's CPU tensors (glibc malloc): giving freed memory back, or keeping it for reuse.
+
+PyTorch's CPU allocator is plain ``malloc``/``free``. glibc keeps small freed blocks in the process (RSS stays up
+after a load's temporaries are gone: ``trim()`` gives them back) and serves large blocks with a fresh ``mmap``
+each (every page faulted in again at each allocation: ``keep_freed()`` stops that for a loop that reallocates the
+same tensors, such as a training step). Elsewhere than glibc both do nothing.
+"""
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import functools
+import platform
+from typing import Iterator
+
+# mallopt parameters (malloc.h) and glibc's defaults for them
+_M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4
+_DEFAULT_TRIM, _DEFAULT_MMAP_MAX = 128 * 1024, 65536
+
+
+@functools.cache
+def _glibc() -> ctypes.CDLL | None:
+    if platform.system() != "Linux":
+        return None
+    try:
+        # (not ctypes.util.find_library or platform.libc_ver: they run ldconfig / read the interpreter's binary)
+        libc = ctypes.CDLL("libc.so.6")
+        libc.gnu_get_libc_version, libc.mallopt, libc.malloc_trim      # glibc's own
+        return libc
+    except (OSError, AttributeError):
+        return None
+
+
+def trim() -> None:
+    """Give the heap memory already freed (float copies, temporaries) back to the system."""
+    libc = _glibc()
+    if libc is not None:
+        libc.malloc_trim(0)
+
+
+@contextlib.contextmanager
+def keep_freed() -> Iterator[bool]:
+    """Keep freed memory in the process, for reuse, while inside; glibc's defaults and a ``trim()`` on exit.
+
+    A training step allocates and frees the same large tensors every step (the logits alone are ~100 MB). glibc
+    maps each block over its mmap threshold (32 MB at most) freshly and unmaps it on free, so every step faults
+    every page in again: measured ~25,000 page faults and 0.1-0.3 s of system time per step on SmolLM2-135M
+    (4 x 256 tokens, 2 EPYC cores), 8% of the step. With mmap off and no automatic trimming the pages are reused.
+    The peak resident memory does not grow (the step reaches it anyway); memory is given back later instead.
+
+    Yields:
+        whether the setting applies (False elsewhere than Linux with glibc).
+    """
+    libc = _glibc()
+    if libc is not None:
+        libc.mallopt(_M_MMAP_MAX, 0)
+        libc.mallopt(_M_TRIM_THRESHOLD, 2**30)
+    try:
+        yield libc is not None
+    finally:
+        if libc is not None:
+            libc.mallopt(_M_MMAP_MAX, _DEFAULT_MMAP_MAX)
+            libc.mallopt(_M_TRIM_THRESHOLD, _DEFAULT_TRIM)
+            libc.malloc_trim(0)
