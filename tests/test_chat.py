@@ -497,6 +497,8 @@ def _quit(child):
 
 
 def test_repl_tiny_template_mode(tiny_folders, tmp_path):
+    import pexpect
+
     child = _spawn(["-m", str(tiny_folders["chatml_long"]), "--max-new-tokens", "6", "--seed", "2",
                     "--temperature", "0.9", "--system", "Be nice."], tmp_path, 120)
     try:
@@ -530,7 +532,11 @@ def test_repl_tiny_template_mode(tiny_folders, tmp_path):
         child.expect_exact("half a line")                 # echoed: the REPL is waiting on the keyboard
         time.sleep(0.3)
         child.sendintr()
-        child.expect_exact(PROMPT)
+        # CPython's readline loop checks for signals, then blocks in select(): a SIGINT landing between the two is
+        # seen only at the next key or signal (one CI run in many hung here). A second Ctrl-C then lands.
+        if child.expect_exact([PROMPT, pexpect.TIMEOUT], timeout=20) == 1:
+            child.sendintr()
+            child.expect_exact(PROMPT)
         assert "half a line" not in _history(child)
         # multiline: a trailing backslash continues, and so does a triple-quote block
         child.sendline("line one \\")
