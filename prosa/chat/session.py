@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from ..errors import ProsaError
-from .prompt import _check_messages, _options, _warn
+from .prompt import _check_messages, _options, _render_ids, _warn
 from .reply import _generate, _Outcome
 from .settings import check_settings
 
@@ -159,8 +159,25 @@ class Chat:
         return removed
 
     def reset(self) -> None:
-        """Forget the conversation (the system prompt and settings stay)."""
-        self.history = []
+        """Forget the conversation (the system prompt and settings stay), and the keys/values the engine's prefix
+        cache kept of it: its last prompt and the replies after it, all but the system prompt's part that the next
+        conversation starts with too (the KV memory shrinks back at the engine's next step)."""
+        if self.last_prompt:
+            self.lm.engine.forget_prefix(self.last_prompt, keep=self._shared_start(self.last_prompt))
+        self.history, self.last_prompt, self.last_outcome = [], [], None
+
+    def _shared_start(self, ids: list[int]) -> int:
+        """How many leading tokens of ``ids`` a new conversation's prompt starts with too (the system prompt and
+        the template's header), found by rendering a conversation with an empty first message."""
+        system = [{"role": "system", "content": self.system}] if self.system else []
+        try:
+            fresh = _render_ids(self.lm, system + [{"role": "user", "content": ""}], self._opts)
+        except (ProsaError, ValueError):            # a template that refuses an empty message: keep nothing
+            return 0
+        n = 0
+        while n < min(len(ids), len(fresh)) and ids[n] == fresh[n]:
+            n += 1
+        return n
 
     def set(self, name: str, value: Any) -> None:
         """Change one setting (None = the model's default).

@@ -12,7 +12,9 @@ thread and read ``Event``s from a queue. The engine thread, each step:
    is done its ``n`` samples fork from it and join the batch;
 4. picks the next token of every decoding sequence (``Picker``), emits the events, lets finished ones go (their
    blocks are released, nothing else moves) and slides the window of those that reached it;
-5. runs one decode step for the rest.
+5. runs one decode step for the rest;
+6. shrinks the KV tensors if the demand fell (a long sequence ended, short ones followed: ``BlockPool.settle``)
+   and gives the freed memory back to the system (``prosa.heap.trim``).
 
 A running stream therefore waits at most one prompt chunk per token. Every row is computed the same way
 whatever else is in the batch (own positions, own keys, own generator), so a request gets the tokens it would
@@ -28,10 +30,11 @@ import threading
 import time
 import weakref
 from collections import deque
-from typing import Any, Iterator
+from typing import Any, Iterator, Sequence as Seq
 
 import torch
 
+from .. import heap
 from .blocks import BlockPool
 from .metrics import Metrics
 from .runner import PagedRunner, SoloRunner
@@ -39,7 +42,7 @@ from .scheduler import Scheduler
 from .sequence import Event, Request, Sequence
 
 log = logging.getLogger("prosa")
-DEFAULT_PREFIX_CACHE_TOKENS = 8192   # a few conversations' worth (~380 MB for SmolLM2-135M, 590 MB for GPT-2)
+DEFAULT_PREFIX_CACHE_TOKENS = 8192   # at most; a few conversations' worth (~380 MB for SmolLM2-135M, 590 MB GPT-2)
 IDLE_EXIT_S = 2.0            # the thread ends after this long with nothing to do (it restarts on the next request)
 _ids = itertools.count(1)
 _engines: "weakref.WeakSet[Engine]" = weakref.WeakSet()
@@ -110,7 +113,8 @@ class Engine:
         block_size: tokens per KV block.
         prefix_cache: reuse the keys/values of earlier prompts' prefixes.
         prefix_cache_tokens: the most tokens of finished sequences kept for that (default
-            ``DEFAULT_PREFIX_CACHE_TOKENS``); memory settles at what running sequences need plus this.
+            ``DEFAULT_PREFIX_CACHE_TOKENS``), in the room running sequences leave: the KV memory follows what
+            they need (2-4x their peak since the last sequence ended, see ``BlockPool.settle``), not this.
         threads: CPU threads of the engine thread's kernels (None: PyTorch's default).
         background: run the loop in the engine's own thread (False: the caller drives it with ``step``).
     """
@@ -156,6 +160,7 @@ class Engine:
         self._thread: threading.Thread | None = None
         self._closed = False
         self._clear = False
+        self._forget: list[tuple[list[int], int]] = []     # forget_prefix calls not yet done
         self._background = background
         # Owned by the engine thread:
         self.scheduler = Scheduler(self.runner, self.pool, tokenizer, self.window, self.max_batch, prefill_chunk,
@@ -212,6 +217,24 @@ class Engine:
         if not self._background:
             self._iterate()
 
+    def forget_prefix(self, tokens: Seq[int], keep: int = 0) -> None:
+        """Forget the cached keys/values of ``tokens`` after its first ``keep`` tokens and of everything cached
+        after them (a conversation that was reset: its prompt and replies), at the next step; the KV memory then
+        shrinks to what is still in use. Blocks a running sequence holds stay cached.
+
+        Args:
+            tokens: token ids from the sequence's start (e.g. a conversation's last prompt).
+            keep: leading tokens to keep cached (e.g. a system prompt the next conversation starts with too).
+        """
+        if self.pool is None or not tokens:
+            return
+        with self._lock:
+            self._forget.append((list(tokens), keep))
+            self._start()
+            self._wake.notify()
+        if not self._background:
+            self._iterate()
+
     def close(self, timeout: float | None = 10.0) -> None:
         """Stop the thread after the current step; requests still in flight end with "cancelled"."""
         with self._lock:
@@ -239,9 +262,10 @@ class Engine:
         with torch.inference_mode():
             while True:
                 with self._lock:
-                    while not (self._inbox or self._cancels or self._closed or self._clear or sched.busy()):
+                    while not (self._inbox or self._cancels or self._closed or self._clear or self._forget
+                               or sched.busy()):
                         if not self._wake.wait(IDLE_EXIT_S) and not (self._inbox or self._cancels or self._clear
-                                                                     or sched.busy()):
+                                                                     or self._forget or sched.busy()):
                             self._thread = None
                             return
                 if not self._iterate():
@@ -253,8 +277,12 @@ class Engine:
             inbox, self._inbox = list(self._inbox), deque()
             cancels, self._cancels = self._cancels, set()
             closed, clear, self._clear = self._closed, self._clear, False
-        if clear and self.pool is not None:
-            self.pool.clear_prefixes()
+            forget, self._forget = self._forget, []
+        if self.pool is not None:
+            if clear:
+                self.pool.clear_prefixes()
+            for tokens, keep in forget:
+                self.pool.forget(tokens, keep)
         sched = self.scheduler
         sched.waiting.extend(inbox)
         for h in cancels:
@@ -272,7 +300,15 @@ class Engine:
             for h in sched.in_flight():
                 sched.end(h, "error", f"internal error: {e}")
             sched.reset()
+        self._settle()
         return True
+
+    def _settle(self) -> None:
+        """Between steps: shrink the KV tensors when demand fell (``BlockPool.settle``), and give the freed memory
+        back to the system (glibc keeps freed heap memory otherwise; the pool's tensors are allocated in this
+        thread's arena)."""
+        if self.pool is not None and self.pool.settle():
+            heap.trim()
 
     def _gauges(self) -> dict[str, float]:
         """The live gauges (read from any thread: plain reads of the engine thread's counters)."""

@@ -3,15 +3,14 @@
 - prosa (``prosa/csrc/qlinear.cpp``): rows interleaved ``TILE`` = 16 at a time, int8 as (T, K/4, 16, 4) bytes,
   int4 as (T, K/8, 16, 4) bytes of two nibbles, scales and mins as (T, K/G, 16) float16.
 - aten (``aten._convert_weight_to_int4pack_for_cpu``): whatever this torch build packs; ``_aten_int4_order``
-  finds where each weight lands so that the packing can be undone.
+  finds where each weight lands so that ``_aten_int4_unpack`` can undo the packing.
 """
 from __future__ import annotations
-
-import functools
 
 import torch
 
 TILE = 16          # output rows per tile of the prosa layout
+ATEN_ROWS = 256    # rows per chunk when undoing aten's int4 packing (a multiple of its row blocks, 32 or 64)
 
 
 def _pad_rows(t: torch.Tensor, rows: int) -> torch.Tensor:
@@ -61,19 +60,48 @@ def _unpack_scales(p: torch.Tensor, n: int) -> torch.Tensor:
     return p.transpose(1, 2).reshape(t * TILE, ng)[:n]
 
 
-@functools.lru_cache(maxsize=64)
 def _aten_int4_order(n: int, k: int) -> torch.Tensor:
     """Where aten's int4 CPU packing puts each weight: nibble i of the packed tensor (low nibble of byte j is
-    2j, high 2j+1) holds element ``order[i]`` of the flattened (N, K) input. Found by packing the element index,
-    4 bits at a time, so it follows whatever layout this torch build uses."""
+    2j, high 2j+1) holds element ``order[i]`` of the flattened (N, K) input, (N * K,) int64. Found by packing the
+    element index, 4 bits at a time, so it follows whatever layout this torch build uses. Not cached: for an
+    output layer (49152 x 576) it is ~226 MB."""
     idx = torch.arange(n * k, dtype=torch.int64)
     order = torch.zeros(n * k, dtype=torch.int64)
     for shift in range(0, max(4, (n * k - 1).bit_length()), 4):
         q = ((idx >> shift) & 0xF).to(torch.int32).reshape(n, k)
-        p = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1).reshape(-1)
-        nib = torch.stack((p & 0x0F, p >> 4), -1).reshape(-1).to(torch.int64)
-        order |= nib << shift
+        nib = _nibbles(torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1))
+        order |= nib.to(torch.int64) << shift
     return order
+
+
+def _nibbles(packed: torch.Tensor) -> torch.Tensor:
+    """The nibbles of packed bytes in order, (2 * bytes,) uint8: low nibble of byte j is 2j, high 2j+1."""
+    p = packed.reshape(-1)
+    return torch.stack((p & 0x0F, p >> 4), -1).reshape(-1)
+
+
+def _aten_int4_unpack(packed: torch.Tensor, n: int, k: int) -> torch.Tensor:
+    """Undo ``aten._convert_weight_to_int4pack_for_cpu``: its packed tensor -> the codes (N, K) uint8 0..15.
+
+    aten packs blocks of rows (32 or 64) one after the other, each independently, so the permutation is derived
+    on one chunk of ``ATEN_ROWS`` rows, applied to every whole chunk, and derived again for the rows left over:
+    (ATEN_ROWS * K,) int64 at most instead of (N * K,). The result is checked by packing it again (the packing
+    permutes nibbles, so equal bytes mean equal codes); on a build that packs otherwise the whole permutation is
+    derived (slower, the same result). Nothing is kept."""
+    nib = _nibbles(packed)                                       # (N * K,) in packed order
+    q = torch.empty(n * k, dtype=torch.uint8)
+    chunks, rest = divmod(n, ATEN_ROWS)
+    whole = chunks * ATEN_ROWS * k
+    if chunks:
+        q[:whole].view(chunks, -1)[:, _aten_int4_order(ATEN_ROWS, k)] = nib[:whole].view(chunks, -1)
+    if rest:
+        q[whole:][_aten_int4_order(rest, k)] = nib[whole:]
+    q = q.reshape(n, k)
+    if not torch.equal(torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.to(torch.int32), 1), packed):
+        q = torch.empty(n * k, dtype=torch.uint8)
+        q[_aten_int4_order(n, k)] = nib
+        q = q.reshape(n, k)
+    return q
 
 
 def _aten_int4_ok(n: int, k: int, group_size: int) -> bool:

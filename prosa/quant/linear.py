@@ -30,7 +30,7 @@ from torch import nn
 from . import extension
 from .extension import kernels
 from .formats import _check_groups, dequantize_int, quantize_int4, quantize_int8, quantize_uint8
-from .layout import (_aten_int4_ok, _aten_int4_order, _pack_int4, _pack_int8, _pack_scales, _unpack_int4,
+from .layout import (_aten_int4_ok, _aten_int4_unpack, _pack_int4, _pack_int8, _pack_scales, _unpack_int4,
                      _unpack_int8, _unpack_scales)
 
 ACTIVATIONS = ("float", "int8")
@@ -167,13 +167,10 @@ class QuantizedLinear(nn.Module):
         if self.bits == 8:  # aten per-channel
             return self.qweight, self.scales.to(torch.float16)[:, None], None
         # aten int4: undo the packing permutation; scale/zero are bfloat16, zero = m + 8 d
-        p = self.qweight.reshape(-1)
-        nib = torch.stack((p & 0x0F, p >> 4), -1).reshape(-1)
-        q = torch.empty(n * k, dtype=torch.uint8)
-        q[_aten_int4_order(n, k)] = nib
+        q = _aten_int4_unpack(self.qweight, n, k)
         sz = self.scales_and_zeros.float()
         d32, zero = sz[..., 0].t(), sz[..., 1].t()
-        return q.reshape(n, k), d32.to(torch.float16), (zero - 8 * d32).to(torch.float16)
+        return q, d32.to(torch.float16), (zero - 8 * d32).to(torch.float16)
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The float weight (N, K) this layer multiplies by."""
