@@ -34,6 +34,9 @@ class PackedAttention:
         # a row holding one document and no padding needs no mask: SDPA's causal kernel is faster
         self.plain = bool((segments == segments[:, :1]).all()) and bool((segments >= 0).all())
         self._masks: dict[int | None, torch.Tensor] = {}
+        # the explicit form's mask, made here (eagerly, before any compiled block): a compiled block then loads
+        # one byte per score instead of comparing int64 document ids for each of them, twice
+        self._blocked = ~self._allowed(None, segments.device) if explicit else None      # (B, 1, T, T)
 
     def begin(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Positions (B, T): the index of each token within its document."""
@@ -87,7 +90,10 @@ class PackedAttention:
         # grouped-query heads: the g query heads of a key head share one (g*T, D) @ (D, T) matmul
         s = (q.reshape(b, hk, g * t, d) @ k.transpose(-1, -2)).view(b, hk, g, t, t)
         s = s.float() * (scale if scale is not None else d ** -0.5)
-        # the mask made here, not cached: inside the compiled graph it fuses into the masking loop
-        s = s.masked_fill(~self._allowed(window, q.device)[:, :, None], float("-inf"))   # (B, 1, 1, T, T)
+        # a window shorter than the row needs its own mask: made here, not cached (no side effect in a compiled
+        # graph; Inductor fuses it into the masking loop)
+        blocked = (self._blocked.to(q.device) if window is None or window >= t
+                   else ~self._allowed(window, q.device))                     # (B, 1, T, T)
+        s = s.masked_fill(blocked[:, :, None], float("-inf"))
         p = s.softmax(-1).to(q.dtype).view(b, hk, g * t, t)
         return (p @ v).view(b, h, t, d)
