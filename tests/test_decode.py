@@ -17,6 +17,9 @@ from prosa.engine.blocks import BlockPool
 from prosa.engine.paged import PagedBatch
 
 LLAMA_FAMILY = ["llama", "llama_linear", "qwen2", "mistral"]
+# GPT-2 (fused q/k/v), GPT-Neo (local layers of window 7, unscaled scores), GPT-J (pair rotary on 6 of 16
+# channels, parallel with one norm), GPT-NeoX (per-head q/k/v, partial half rotary), parallel and sequential
+GPT_FAMILY = ["gpt2", "gpt_neo", "gptj", "gpt_neox", "gpt_neox_seq"]
 PROMPTS = [[5, 6, 7, 8, 9, 10], [11, 12], [13, 14, 15, 16]]
 
 
@@ -84,14 +87,14 @@ def test_paged_cache_equals_the_plain_cache(tiny_checkpoint):
                         assert torch.allclose(out[row], ref[0], atol=1e-5, rtol=1e-4), (arch, t, row)
 
 
-@pytest.mark.parametrize("arch", LLAMA_FAMILY)
+@pytest.mark.parametrize("arch", LLAMA_FAMILY + GPT_FAMILY)
 def test_fused_step_equals_the_model_in_float32(tiny_checkpoint, arch):
     worst, _ = _compare(prosa.load(tiny_checkpoint(arch), quantize="none"))
     assert worst < 1e-5
 
 
 @pytest.mark.parametrize("mode", ["int8", "int4"])
-@pytest.mark.parametrize("arch", LLAMA_FAMILY)
+@pytest.mark.parametrize("arch", LLAMA_FAMILY + GPT_FAMILY)
 def test_fused_step_matches_the_model_with_integer_weights(tiny_checkpoint, arch, mode):
     worst, mean = _compare(prosa.load(tiny_checkpoint(arch), quantize=mode))
     assert worst < 0.05 and mean < 2e-3, (worst, mean)
@@ -114,7 +117,7 @@ def test_fused_greedy_text_equals_the_model(bundled_gguf, monkeypatch, mode, agr
 
 
 def test_other_models_and_opt_out_use_the_model(tiny_checkpoint, monkeypatch):
-    gpt2 = prosa.load(tiny_checkpoint("gpt2"), quantize="int8")
+    gpt2 = prosa.load(tiny_checkpoint("gpt2"), quantize="bf16")         # bfloat16 activations: not fused
     assert decode_step(gpt2.model) is gpt2.model
     llama = prosa.load(tiny_checkpoint("llama"), quantize="bf16")       # bfloat16 activations: not fused
     assert decode_step(llama.model) is llama.model
@@ -134,3 +137,17 @@ def test_swapping_layers_rebuilds_the_step(tiny_checkpoint):
     second = decode_step(lm.model)
     lm.model.model.norm.weight = torch.nn.Parameter(lm.model.model.norm.weight.detach().clone())   # a new tensor
     assert decode_step(lm.model) is not second
+
+
+@pytest.mark.parametrize("arch", GPT_FAMILY)
+def test_fused_gpt_family_greedy_text_equals_the_model(tiny_checkpoint, monkeypatch, arch):
+    """Through the engine (prompt by the model, then the fused step), rows of different lengths in one batch."""
+    lm = prosa.load(tiny_checkpoint(arch), quantize="none")
+    prompts = ["A story about a man and a dog", "Olá", "def main():\n    print("]
+    fused = lm.generate(prompts, max_new_tokens=24, temperature=0, ignore_eos=True)
+    assert lm.engine.runner.step is not lm.model
+    monkeypatch.setenv("PROSA_FUSED", "0")
+    plain = lm.generate(prompts, max_new_tokens=24, temperature=0, ignore_eos=True)
+    assert lm.engine.runner.step is lm.model
+    assert [len(r.tokens) for r in fused + plain] == [24] * 6
+    assert [r.tokens for r in fused] == [r.tokens for r in plain]

@@ -804,6 +804,114 @@ struct LlamaBlock {
   }
 };
 
+
+// LayerNorm of one row: (x - mean) / sqrt(var + eps) * w + b, the mean and variance summed in double (the
+// reference reduces float32 pairwise; double keeps this within rounding of it). b may be null.
+inline void layernorm(const float* x, const float* w, const float* b, float* out, int64_t c, float eps) {
+  double s = 0.0, ss = 0.0;
+  for (int64_t i = 0; i < c; ++i) s += x[i];
+  const double mean = s / c;
+  for (int64_t i = 0; i < c; ++i) { const double d = x[i] - mean; ss += d * d; }
+  const float r = 1.0f / std::sqrt(static_cast<float>(ss / c) + eps);
+  const float m = static_cast<float>(mean);
+  for (int64_t i = 0; i < c; ++i) out[i] = (x[i] - m) * r * w[i] + (b ? b[i] : 0.f);
+}
+
+// GPT-J's rotary embedding: channel pairs (0,1), (2,3)... of the first `rot` channels rotate together; cos/sin are
+// laid out per channel (each value twice, as RoPE.cos_sin makes them for interleaved rotation).
+inline void rope_pairs(float* x, const float* cos, const float* sin, int64_t rot) {
+  for (int64_t i = 0; i + 1 < rot; i += 2) {
+    const float x1 = x[i], x2 = x[i + 1];
+    x[i] = x1 * cos[i] - x2 * sin[i];
+    x[i + 1] = x2 * cos[i + 1] + x1 * sin[i + 1];
+  }
+}
+
+// One block of the GPT-2 family (GPT-2, GPT-Neo, GPT-J, GPT-NeoX) for one new token per sequence: LayerNorms with
+// biases, q/k/v from one fused projection ([q | k | v], or per head [q_h | k_h | v_h] for NeoX) or three, optional
+// rotary embedding (halves or pairs, on the first `rot` channels of each head), paged attention with its own scale
+// and window, an MLP fc_in -> activation -> fc_out, and a sequential (x + attn, then + mlp of its norm) or parallel
+// (x + attn(ln1 x) + mlp(ln2 x), ln2 = ln1 when the model has one norm: GPT-J) residual.
+struct GptBlock {
+  torch::Tensor ln1_w, ln1_b, ln2_w, ln2_b;  // (C) float32; ln2 undefined: the MLP reads ln1's output
+  std::vector<Lin> qkv;                      // 1 fused or 3 (q, k, v)
+  Lin o, fc_in, fc_out;
+  int64_t n_heads = 0, head_dim = 0, rot = 0, window = 0;
+  int64_t rope = 0;       // 0 none, 1 halves (NeoX), 2 pairs (GPT-J)
+  int64_t act = 0;        // 0 GELU tanh, 1 GELU erf, 2 ReLU, 3 SiLU
+  bool per_head = false;  // the fused q/k/v output laid out per head (NeoX)
+  bool parallel = false;
+  double eps = 1e-5, scale = 1.0;
+
+  void norm(const torch::Tensor& w, const torch::Tensor& b, const float* x, float* out, int64_t B, int64_t C) const {
+    const float* bp = b.defined() ? b.data_ptr<float>() : nullptr;
+    for (int64_t r = 0; r < B; ++r) layernorm(x + r * C, w.data_ptr<float>(), bp, out + r * C, C, static_cast<float>(eps));
+  }
+
+  torch::Tensor mlp(const torch::Tensor& h) const {  // (B, C) -> (B, C)
+    auto u = fc_in(h);  // (B, I), activated in place by ATen's vectorised kernels (the model's own functions)
+    if (act == 0) at::gelu_(u, "tanh"); else if (act == 1) at::gelu_(u); else if (act == 2) at::relu_(u); else at::silu_(u);
+    return fc_out(u);
+  }
+
+  // As LlamaBlock::forward: x (B, C) float32 updated in place; this layer's paged K/V pools, block tables, the
+  // position of each row's new token, cos/sin (B, rot) float32 (empty without rotary embedding).
+  torch::Tensor forward(torch::Tensor x, torch::Tensor k_pool, torch::Tensor v_pool, torch::Tensor table,
+                        torch::Tensor pos, int64_t block_size, torch::Tensor cos, torch::Tensor sin) const {
+    TORCH_CHECK(x.dim() == 2 && x.scalar_type() == torch::kFloat && x.is_contiguous(), "x must be (B, C) float32");
+    const int64_t B = x.size(0), C = x.size(1), H = n_heads, D = head_dim, HD = H * D;
+    const Paged c = paged_of(k_pool, v_pool, table, block_size);
+    TORCH_CHECK(c.KV == H && c.D == D && table.size(0) == B, "cache shape does not match the block");
+    TORCH_CHECK(rope == 0 || (cos.size(0) == B && cos.size(1) == rot && cos.is_contiguous() && sin.is_contiguous()),
+                "cos/sin must be (B, rot) float32");
+    check_positions(c, pos, B, k_pool.size(0));
+    const int64_t* pp = pos.data_ptr<int64_t>();
+    float* xp = x.data_ptr<float>();
+    auto h = torch::empty({B, C}, x.options());
+    norm(ln1_w, ln1_b, xp, h.data_ptr<float>(), B, C);
+    // q/k/v as one (B, 3 HD) row each: [q | k | v]
+    torch::Tensor qkv_out;
+    if (qkv.size() == 1) {
+      qkv_out = qkv[0](h);
+      if (per_head) qkv_out = qkv_out.view({B, H, 3, D}).transpose(1, 2).contiguous().view({B, 3 * HD});
+    } else {
+      qkv_out = torch::cat({qkv[0](h), qkv[1](h), qkv[2](h)}, 1);
+    }
+    float* qp = qkv_out.data_ptr<float>();
+    const int64_t row = 3 * HD;
+    for (int64_t b = 0; b < B; ++b) {
+      float* r = qp + b * row;
+      if (rope != 0) {
+        const float* cb = cos.data_ptr<float>() + b * rot;
+        const float* sb = sin.data_ptr<float>() + b * rot;
+        for (int64_t j = 0; j < 2 * H; ++j)
+          (rope == 1 ? rope_half : rope_pairs)(r + j * D, cb, sb, rot);
+      }
+      const int64_t s = c.slot(b, pp[b]);
+      std::memcpy(c.k + s * HD, r + HD, HD * sizeof(float));
+      std::memcpy(c.v + s * HD, r + 2 * HD, HD * sizeof(float));
+    }
+    auto att = torch::empty({B, HD}, x.options());
+    attend_paged(qp, row, att.data_ptr<float>(), c, pp, B, H, window, static_cast<float>(scale));
+    const auto a = o(att);
+    if (parallel) {
+      torch::Tensor h2 = h;
+      if (ln2_w.defined()) {
+        h2 = torch::empty({B, C}, x.options());
+        norm(ln2_w, ln2_b, xp, h2.data_ptr<float>(), B, C);
+      }
+      const auto m = mlp(h2);
+      x.add_(a);  // (x + a) + m: the model's order of additions
+      x.add_(m);
+    } else {
+      x.add_(a);
+      norm(ln2_w, ln2_b, xp, h.data_ptr<float>(), B, C);
+      x.add_(mlp(h));
+    }
+    return x;
+  }
+};
+
 }  // namespace
 
 torch::Tensor linear_int8(const torch::Tensor& x, const torch::Tensor& w, const torch::Tensor& d,
@@ -921,6 +1029,23 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
              return b;
            }))
       .def("forward", &LlamaBlock::forward, py::call_guard<py::gil_scoped_release>());
+  py::class_<GptBlock>(m, "GptBlock", "one GPT-2/Neo/J/NeoX block for one token per sequence (see qlinear.cpp)")
+      .def(py::init([](torch::Tensor ln1_w, c10::optional<torch::Tensor> ln1_b, c10::optional<torch::Tensor> ln2_w,
+                       c10::optional<torch::Tensor> ln2_b, std::vector<Lin> qkv, Lin o, Lin fc_in, Lin fc_out,
+                       int64_t n_heads, int64_t head_dim, int64_t rot, int64_t rope, int64_t window, double scale,
+                       int64_t act, bool per_head, bool parallel, double eps) {
+             TORCH_CHECK(qkv.size() == 1 || qkv.size() == 3, "q/k/v: one fused projection or three");
+             TORCH_CHECK(ln2_w.has_value() || parallel, "a sequential block needs its second norm");
+             TORCH_CHECK(rope >= 0 && rope <= 2 && act >= 0 && act <= 3, "unknown rotary or activation kind");
+             GptBlock b;
+             b.ln1_w = ln1_w; b.ln1_b = ln1_b.value_or(torch::Tensor());
+             b.ln2_w = ln2_w.value_or(torch::Tensor()); b.ln2_b = ln2_b.value_or(torch::Tensor());
+             b.qkv = qkv; b.o = o; b.fc_in = fc_in; b.fc_out = fc_out;
+             b.n_heads = n_heads; b.head_dim = head_dim; b.rot = rot; b.rope = rope; b.window = window;
+             b.scale = scale; b.act = act; b.per_head = per_head; b.parallel = parallel; b.eps = eps;
+             return b;
+           }))
+      .def("forward", &GptBlock::forward, py::call_guard<py::gil_scoped_release>());
   m.def("linear_int8_f32", &linear_int8_f32, "as linear_int8, with float32 activations (no activation rounding)",
         py::call_guard<py::gil_scoped_release>());
   m.def("linear_int4_f32", &linear_int4_f32, "as linear_int4, with float32 activations (no activation rounding)",
