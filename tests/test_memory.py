@@ -206,6 +206,19 @@ def test_chat_keeps_its_conversation_between_turns_and_reset_releases_it(chat_lm
     assert 0 < engine.metrics.snapshot()["prompt_tokens_cached"] - cached <= keep // BS * BS
 
 
+def test_loading_a_conversation_releases_the_old_one(chat_lm):
+    """``Chat.from_dict`` (and so ``Chat.load``) replaces the conversation: its cached blocks go as on reset."""
+    pool = chat_lm.engine.pool
+    chat = Chat(chat_lm, system="Be nice.", max_new_tokens=8, temperature=0)
+    before = pool.cached                                      # other tests' conversations, the system prompt's
+    chat.send("hello there, how are you? " * 4)
+    keep = chat._shared_start(chat.last_prompt)
+    assert pool.cached > before + keep // BS
+    chat.from_dict({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]})
+    assert chat.last_prompt == [] and len(chat.history) == 2
+    wait_for(lambda: pool.cached <= before + keep // BS)
+
+
 # -- resident memory, in a child process ----------------------------------------------------------------------------
 BOUND = 16           # MB above the starting RSS allowed once the pool has shrunk back (the pool is 4 MB then)
 CHILD = textwrap.dedent("""

@@ -162,9 +162,14 @@ class Chat:
         """Forget the conversation (the system prompt and settings stay), and the keys/values the engine's prefix
         cache kept of it: its last prompt and the replies after it, all but the system prompt's part that the next
         conversation starts with too (the KV memory shrinks back at the engine's next step)."""
+        self._forget()
+        self.history = []
+
+    def _forget(self) -> None:
+        """Release the engine's cached keys/values of this conversation but its shared start (see ``reset``)."""
         if self.last_prompt:
             self.lm.engine.forget_prefix(self.last_prompt, keep=self._shared_start(self.last_prompt))
-        self.history, self.last_prompt, self.last_outcome = [], [], None
+        self.last_prompt, self.last_outcome = [], None
 
     def _shared_start(self, ids: list[int]) -> int:
         """How many leading tokens of ``ids`` a new conversation's prompt starts with too (the system prompt and
@@ -272,4 +277,5 @@ class Chat:
         draws = data.get("draws", 0)
         if isinstance(draws, bool) or not isinstance(draws, int) or draws < 0:
             raise ValueError(f"draws must be an integer >= 0, got {draws!r}")
+        self._forget()                               # the old conversation's cached keys/values go, as on reset
         self._opts, self.system, self.settings, self.history, self.draws = opts, system, settings, messages, draws
