@@ -10,7 +10,7 @@ import logging
 import math
 import os
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator
 
@@ -137,6 +137,7 @@ class Checkpoint:
     generation_config: dict[str, Any]
     fmt: str                                # "safetensors", "pytorch", "gguf"
     gguf: Any = None                        # prosa.weights.gguf.GGUFCheckpoint for GGUF files
+    _tokenizer: Any = field(default=None, init=False, repr=False, compare=False)
 
     def tensors(self, dtype: torch.dtype | None = None,
                 skip: frozenset[str] = frozenset()) -> Iterator[tuple[str, torch.Tensor]]:
@@ -155,11 +156,15 @@ class Checkpoint:
         return tensor_shapes(self.path)
 
     def tokenizer(self) -> "Tokenizer":
+        """The tokenizer, built once per checkpoint (the CLI's probe and its load share it)."""
         if self.gguf is not None:
             return self.gguf.tokenizer
-        from .tokenizer import Tokenizer
+        if self._tokenizer is None:
+            from .tokenizer import Tokenizer
 
-        return Tokenizer.from_folder(self.path, config=self.config, generation_config=self.generation_config)
+            self._tokenizer = Tokenizer.from_folder(self.path, config=self.config,
+                                                    generation_config=self.generation_config)
+        return self._tokenizer
 
 
 def open_checkpoint(name_or_path: str | os.PathLike | None = None, revision: str | None = None) -> Checkpoint:
@@ -242,14 +247,16 @@ class _NoInit(TorchFunctionMode):
         return func(*args, **(kwargs or {}))
 
 
-def load(name_or_path: str | os.PathLike | None = None, *, dtype: str | torch.dtype = "auto",
+def load(name_or_path: str | os.PathLike | Checkpoint | None = None, *, dtype: str | torch.dtype = "auto",
          quantize: str = "auto", revision: str | None = None, device: str | torch.device | None = None,
          threads: int | None = None, adapter: str | os.PathLike | None = None) -> LanguageModel:
     """Load a model ready to generate.
 
     Args:
         name_or_path: a Hugging Face folder, a ``.gguf`` file (or a folder holding one), a Hub id such as
-            ``gpt2`` or ``org/name``; None -> ``$PROSA_MODEL`` or the bundled SmolLM2-135M-Instruct.
+            ``gpt2`` or ``org/name``; None -> ``$PROSA_MODEL`` or the bundled SmolLM2-135M-Instruct; or a
+            ``Checkpoint`` already opened by ``open_checkpoint`` (its header and tokenizer are not read again;
+            ``revision`` is then unused).
         dtype: "auto" (the checkpoint's own when the hardware runs it well, else float32), "float32",
             "bfloat16" or "float16": the dtype of the weights kept in float, and of the activations.
         quantize: the weight format. "none": float (``dtype``; a GGUF file's blocks are dequantized, as
@@ -277,7 +284,7 @@ def load(name_or_path: str | os.PathLike | None = None, *, dtype: str | torch.dt
 
         check_adapter_folder(adapter)
     dev = resolve_device(device)      # before the checkpoint: a device this machine lacks costs no download
-    ck = open_checkpoint(name_or_path, revision)
+    ck = name_or_path if isinstance(name_or_path, Checkpoint) else open_checkpoint(name_or_path, revision)
     checkpoint_dtype = ck.config.get("torch_dtype") or ck.config.get("dtype")
     dt = resolve_dtype(dtype, None if ck.fmt == "gguf" else checkpoint_dtype, dev)
     mode, why = choose_quantize(ck, dt, dev) if quantize == "auto" else (quantize, "")

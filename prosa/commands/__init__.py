@@ -203,6 +203,7 @@ def model_probe(args: argparse.Namespace) -> "LanguageModel | None":
     from ..loader import build_model, open_checkpoint
 
     ck = open_checkpoint(args.model, args.revision)
+    args.checkpoint = ck        # load_model loads it: the GGUF header and the tokenizer are not read twice
     try:
         model = build_model(ck.config)
     except UnsupportedModelError:
@@ -212,12 +213,15 @@ def model_probe(args: argparse.Namespace) -> "LanguageModel | None":
 
 
 def load_model(args: argparse.Namespace):
-    """``prosa.load`` with the shared model options; says on stderr what ``--quantize auto`` chose."""
+    """``prosa.load`` with the shared model options (of the checkpoint ``model_probe`` opened, if it ran); says on
+    stderr what ``--quantize auto`` chose."""
     import sys
 
     import prosa
 
-    lm = prosa.load(args.model, dtype=args.dtype, quantize=args.quantize, revision=args.revision,
+    source = getattr(args, "checkpoint", None) or args.model
+    args.checkpoint = None      # the LanguageModel keeps what it needs; the probe's references go
+    lm = prosa.load(source, dtype=args.dtype, quantize=args.quantize, revision=args.revision,
                     device=args.device, threads=args.threads, adapter=getattr(args, "adapter", None))
     if args.quantize == "auto":
         print(f"prosa: weights: {lm.quantize} ({lm.weights.split('; auto: ')[-1]})", file=sys.stderr)

@@ -7,6 +7,8 @@
 """
 from __future__ import annotations
 
+from typing import Iterable
+
 import torch
 
 TILE = 16          # output rows per tile of the prosa layout
@@ -58,6 +60,40 @@ def _pack_scales(s: torch.Tensor) -> torch.Tensor:
 def _unpack_scales(p: torch.Tensor, n: int) -> torch.Tensor:
     t, ng, _ = p.shape
     return p.transpose(1, 2).reshape(t * TILE, ng)[:n]
+
+
+def _pack_prosa_chunks(n: int, k: int, group: int, bits: int, asym: bool,
+                       chunks: Iterable[tuple[int, torch.Tensor, torch.Tensor, torch.Tensor | None]]
+                       ) -> dict[str, torch.Tensor]:
+    """The prosa layout of an (N, K) weight given as row chunks of the plain format, each packed straight into
+    its slice of the result: the packing's temporaries are one chunk's, not the weight's (a 49152 x 576 output
+    layer would otherwise hold its codes twice, 28 MB each, besides the result).
+
+    Args:
+        chunks: ``(first row, q, d, m)`` in row order, covering the N rows; every chunk but the last a whole
+            number of ``TILE`` rows. q (rows, K) int8 / uint8, d and m (rows, K // group) float16 (m None when
+            not ``asym``).
+    Returns:
+        the buffers of a prosa ``QuantizedLinear``: qweight, scales (and mins).
+    """
+    t = -(-n // TILE)
+    out = {"qweight": torch.empty(t, k // (4 if bits == 8 else 8), TILE, 4, dtype=torch.uint8),
+           "scales": torch.empty(t, k // group, TILE, dtype=torch.float16)}
+    if asym:
+        out["mins"] = torch.empty_like(out["scales"])
+    done = 0
+    for r0, q, d, m in chunks:
+        if r0 != done or (r0 % TILE):
+            raise ValueError(f"row chunks must follow each other in whole tiles of {TILE}: got row {r0} after {done}")
+        t0, t1 = r0 // TILE, -(-(r0 + q.shape[0]) // TILE)
+        out["qweight"][t0:t1] = _pack_int8(q) if bits == 8 else _pack_int4(q)
+        out["scales"][t0:t1] = _pack_scales(d)
+        if asym:
+            out["mins"][t0:t1] = _pack_scales(m)
+        done = r0 + q.shape[0]
+    if done != n:
+        raise ValueError(f"row chunks cover {done} rows of {n}")
+    return out
 
 
 def _aten_int4_order(n: int, k: int) -> torch.Tensor:

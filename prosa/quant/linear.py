@@ -22,6 +22,7 @@ backend.
 from __future__ import annotations
 
 import os
+from typing import Iterable
 
 import torch
 import torch.nn.functional as F
@@ -30,8 +31,8 @@ from torch import nn
 from . import extension
 from .extension import kernels
 from .formats import _check_groups, dequantize_int, quantize_int4, quantize_int8, quantize_uint8
-from .layout import (_aten_int4_ok, _aten_int4_unpack, _pack_int4, _pack_int8, _pack_scales, _unpack_int4,
-                     _unpack_int8, _unpack_scales)
+from .layout import (_aten_int4_ok, _aten_int4_unpack, _pack_int4, _pack_int8, _pack_prosa_chunks, _pack_scales,
+                     _unpack_int4, _unpack_int8, _unpack_scales)
 
 ACTIVATIONS = ("float", "int8")
 
@@ -117,6 +118,23 @@ class QuantizedLinear(nn.Module):
         else:
             raise ValueError(f"unknown backend {backend!r} (auto, prosa, aten, torch)")
         return cls(k, n, bits, group, backend, tensors, bias)
+
+    @classmethod
+    def from_int_chunks(cls, n: int, k: int, group: int, bits: int, asym: bool,
+                        chunks: Iterable[tuple[int, torch.Tensor, torch.Tensor, torch.Tensor | None]],
+                        backend: str = "auto") -> "QuantizedLinear":
+        """``from_int`` of an (N, K) weight given as row chunks ``(first row, q, d, m)`` (in order; each but the
+        last a whole number of 16 rows): for the prosa backend each chunk is packed into its place as it comes,
+        so a layer read from a file never exists whole in the plain format (other backends join the chunks and
+        call ``from_int``). ``asym``: the chunks carry mins (int4, asymmetric int8)."""
+        _check_groups(k, group)
+        backend = cls._choose_backend(bits, n, k, group, asym) if backend == "auto" else backend
+        if backend == "prosa" and k % 32 == 0 and group % 32 == 0:
+            return cls(k, n, bits, group, backend, _pack_prosa_chunks(n, k, group, bits, asym, chunks), None)
+        parts = list(chunks)
+        q, d = torch.cat([c[1] for c in parts]), torch.cat([c[2] for c in parts])
+        m = torch.cat([c[3] for c in parts]) if asym else None
+        return cls.from_int(q, d, m, None, backend, bits)
 
     @classmethod
     def from_float(cls, weight: torch.Tensor, bias: torch.Tensor | None = None, bits: int = 4,

@@ -77,6 +77,7 @@ def _gguf_exact(model: nn.Module, ck: Any, mode: str, dtype: torch.dtype, device
     tied = ck.config.get("tie_word_embeddings", True)
     embed = next((n for n in types if n.endswith(("embed_tokens.weight", "wte.weight", "embed_in.weight"))), None)
     want = {8: ("Q8_0",), 4: ("Q4_0", "Q4_1", "Q4_K")}
+    stored = gg.stored_shapes()
     consumed: set[str] = set()
     for name, mod in list(model.named_modules()):
         if not isinstance(mod, nn.Linear):
@@ -92,19 +93,43 @@ def _gguf_exact(model: nn.Module, ck: Any, mode: str, dtype: torch.dtype, device
         kinds = {types.get(s) for s in sources}
         if len(kinds) != 1 or next(iter(kinds)) not in want[bits]:
             continue
-        ints = [gg.int_weight(s) for s in sources]
-        q = torch.cat([i[1] for i in ints])
-        d = torch.cat([i[2] for i in ints])
-        m = None if ints[0][3] is None else torch.cat([i[3] for i in ints])
-        if q.shape != mod.weight.shape:
-            raise CorruptModelError(f"{ck.path}: {name} is {tuple(q.shape)} in the file but the config makes it "
-                                    f"{tuple(mod.weight.shape)}")
-        layer = QuantizedLinear.from_int(q, d, m, None).to(device)
-        _swap(model, name, layer)
+        shapes = [stored[s] for s in sources]
+        shape = (sum(s[0] for s in shapes), shapes[0][1])
+        if any(s[1] != shape[1] for s in shapes) or shape != tuple(mod.weight.shape):
+            raise CorruptModelError(f"{ck.path}: {name} is {' + '.join(str(tuple(s)) for s in shapes)} in the "
+                                    f"file but the config makes it {tuple(mod.weight.shape)}")
         kind = next(iter(kinds))
+        # each chunk of rows goes from the file's blocks to the kernels' layout while it is in cache: one pass
+        # over the weight, no whole-layer temporaries (QuantizedLinear.from_int_chunks)
+        layer = QuantizedLinear.from_int_chunks(*shape, GROUP_SIZE, bits, kind != "Q8_0",
+                                                _joined([gg.int_chunks(s) for s in sources])).to(device)
+        _swap(model, name, layer)
         report.formats[f"int{bits} (GGUF {kind}, {'scales to fp16' if kind == 'Q4_K' else 'exact'})"] += 1
         consumed.update(s for s in sources if s != embed)   # the embedding itself is still needed as float
     return consumed
+
+
+def _joined(parts: list[Any], tile: int = 16) -> Any:
+    """The row chunks ``(first row, q, d, m)`` of several weights stacked row-wise (a fused projection's parts),
+    renumbered, and regrouped where a part's rows are not whole tiles so that every chunk but the last is."""
+    start, held = 0, []             # held: rows of the stack not yet given out, (q, d, m) pieces
+    for part in parts:
+        for _, q, d, m in part:
+            if not held and q.shape[0] % tile == 0:
+                yield start, q, d, m
+                start += q.shape[0]
+                continue
+            held.append((q, d, m))
+            q, d = torch.cat([h[0] for h in held]), torch.cat([h[1] for h in held])
+            m = None if m is None else torch.cat([h[2] for h in held])
+            whole = q.shape[0] // tile * tile
+            held = [(q[whole:], d[whole:], None if m is None else m[whole:])] if whole < q.shape[0] else []
+            if whole:
+                yield start, q[:whole], d[:whole], None if m is None else m[:whole]
+                start += whole
+    if held:
+        (q, d, m), = held
+        yield start, q, d, m
 
 
 def load_weights(model: nn.Module, ck: Any, dtype: torch.dtype, device: torch.device, mode: str = "none") -> Report:

@@ -20,15 +20,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterator
 
-import numpy as np
 import torch
 from gguf import GGMLQuantizationType as Q
 
 from prosa.errors import CorruptModelError, ModelNotFoundError, UnsupportedModelError
 
 from .gguf_config import ARCHS, _Arch, _config, _hf_name
-from .gguf_dequant import (_FLOAT, _NUMPY_QUANTS, _TORCH_QUANTS, _read, _release, _unpermute, _unsupported_type,
-                           dequantize, one_thread)
+from .gguf_dequant import (_FLOAT, _NUMPY_QUANTS, _TORCH_QUANTS, _read, _unpermute, _unsupported_type, dequantize,
+                           one_thread, read_tensor, row_chunks)
 from .gguf_format import MAGIC, _TensorInfo, _corrupt, _parse
 from .gguf_tokenizer import _tokenizer
 
@@ -62,14 +61,18 @@ class GGUFCheckpoint:
             if hf_name in skip:
                 continue
             with one_thread():
-                w = _read(self._mm, info)
-                if self._arch.permute_qk and part in ("attn_q", "attn_k"):
-                    w = _unpermute(w, self._heads(part))
-                w = w.to(dtype)
+                w = read_tensor(self._mm, info, dtype, self._order(info, part))
             yield hf_name, w.t() if part in self._arch.transposed and w.dim() == 2 else w
 
     def _heads(self, part: str) -> int:
         return self.config["num_attention_heads" if part == "attn_q" else "num_key_value_heads"]
+
+    def _order(self, info: _TensorInfo, part: str) -> torch.Tensor | None:
+        """Which file row each row of the tensor comes from, (rows,) int64: llama.cpp's Q/K row order undone;
+        None when the rows are in order."""
+        if not (self._arch.permute_qk and part in ("attn_q", "attn_k")):
+            return None
+        return _unpermute(torch.arange(info.shape[0])[:, None], self._heads(part))[:, 0]
 
     def tensor_types(self) -> dict[str, str]:
         """HF name -> GGUF storage type name ("Q4_1", "F32", ...)."""
@@ -80,10 +83,27 @@ class GGUFCheckpoint:
         return {hf_name: info.shape[::-1] if part in self._arch.transposed and len(info.shape) == 2 else info.shape
                 for info, hf_name, part in self._entries}
 
+    def stored_shapes(self) -> dict[str, tuple[int, ...]]:
+        """HF name -> shape as stored, torch order (GPT-2's Conv1D weights: ``nn.Linear``'s (out, in), not HF's)."""
+        return {hf_name: info.shape for info, hf_name, _ in self._entries}
+
     def int_weight(self, hf_name: str):
         """A Q8_0 / Q4_0 / Q4_1 weight as integers, exactly, or a Q4_K one with float16 scales:
         ``(bits, q, d, m)`` (see ``prosa.quant.gguf_to_int``), in ``nn.Linear`` orientation (out, in) with
         llama.cpp's Q/K row order undone; None for other types."""
+        chunks = self.int_chunks(hf_name)
+        if chunks is None:
+            return None
+        parts = list(chunks)
+        q, d = torch.cat([c[1] for c in parts]), torch.cat([c[2] for c in parts])
+        return (8 if q.dtype == torch.int8 else 4), q, d, None if parts[0][3] is None else torch.cat(
+            [c[3] for c in parts])
+
+    def int_chunks(self, hf_name: str, multiple: int = 16
+                   ) -> Iterator[tuple[int, torch.Tensor, torch.Tensor, torch.Tensor | None]] | None:
+        """``int_weight``'s integers a chunk of rows at a time (whole multiples of ``multiple`` rows but the
+        last): ``(first row, q, d, m)``, each chunk converted from the file's blocks as it is read, so that the
+        caller can pack it in place (``QuantizedLinear.from_int_chunks``); None for other types."""
         from ..quant import gguf_to_int
 
         for info, name, part in self._entries:
@@ -91,13 +111,9 @@ class GGUFCheckpoint:
                 continue
             if Q(info.ggml_type).name not in ("Q8_0", "Q4_0", "Q4_1", "Q4_K") or len(info.shape) != 2:
                 return None
-            raw = np.frombuffer(self._mm, np.uint8, info.nbytes, info.start).copy()
-            _release(self._mm, info)
-            bits, q, d, m = gguf_to_int(raw, info.ggml_type, info.shape)
-            if self._arch.permute_qk and part in ("attn_q", "attn_k"):
-                order = _unpermute(torch.arange(info.shape[0])[:, None], self._heads(part))[:, 0]
-                q, d, m = q[order], d[order], None if m is None else m[order]
-            return bits, q, d, m
+            k = info.shape[1]
+            return ((r0, *gguf_to_int(raw, info.ggml_type, (raw.shape[0], k))[1:])
+                    for r0, raw in row_chunks(self._mm, info, self._order(info, part), multiple))
         raise KeyError(hf_name)
 
 

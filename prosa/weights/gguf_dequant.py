@@ -6,6 +6,7 @@ K-quants use gguf-py's numpy reference.
 """
 from __future__ import annotations
 
+import math
 import mmap
 from contextlib import contextmanager
 from typing import Iterator
@@ -109,6 +110,62 @@ def _read(mm: mmap.mmap, info: _TensorInfo) -> torch.Tensor:
     return dequantize(raw, info.ggml_type, info.shape)
 
 
+CHUNK = 1 << 18     # weights per step of the chunked readers: 1 MB of float32, so every temporary stays in cache
+
+
+def _release_span(mm: mmap.mmap, start: int, nbytes: int) -> None:
+    """Unmap the whole pages inside ``[start, start + nbytes)`` of the file (see ``_release``)."""
+    lo = -(-start // mmap.PAGESIZE) * mmap.PAGESIZE
+    hi = (start + nbytes) // mmap.PAGESIZE * mmap.PAGESIZE
+    if hasattr(mm, "madvise") and hi > lo:
+        mm.madvise(mmap.MADV_DONTNEED, lo, hi - lo)
+
+
+def row_chunks(mm: mmap.mmap, info: _TensorInfo, order: torch.Tensor | None = None, multiple: int = 1,
+               ) -> Iterator[tuple[int, np.ndarray]]:
+    """The raw bytes of a tensor's rows (its first dimension), ``CHUNK`` weights' worth at a time (a whole
+    number of ``multiple`` rows): ``(first row, bytes (rows, row bytes) uint8)``, read-only views of the map,
+    or copies gathered in the row ``order`` given (output row r is file row ``order[r]``). The file's pages are
+    unmapped as they are passed, so the map never holds more than a chunk of the tensor in this process's RSS
+    (the page cache keeps them).
+
+    Raises:
+        ValueError: rows that are not whole blocks of the tensor's type (1-D tensors of a quantized type).
+    """
+    n = info.shape[0] if info.shape else 1
+    per_row = math.prod(info.shape[1:]) if len(info.shape) > 1 else math.prod(info.shape)
+    if info.ggml_type not in _FLOAT and per_row % GGML_QUANT_SIZES[Q(info.ggml_type)][0]:
+        raise ValueError(f"rows of {per_row} are not whole {Q(info.ggml_type).name} blocks")
+    row_bytes = info.nbytes // n
+    rows = np.frombuffer(mm, np.uint8, info.nbytes, info.start).reshape(n, row_bytes)
+    step = max(1, CHUNK // max(per_row, 1) // multiple) * multiple
+    for r0 in range(0, n, step):
+        r1 = min(n, r0 + step)
+        if order is None:
+            yield r0, rows[r0:r1]
+            _release_span(mm, info.start + r0 * row_bytes, (r1 - r0) * row_bytes)
+        else:
+            yield r0, rows[order[r0:r1].numpy()]
+    _release(mm, info)
+
+
+def read_tensor(mm: mmap.mmap, info: _TensorInfo, dtype: torch.dtype, order: torch.Tensor | None = None,
+                ) -> torch.Tensor:
+    """One tensor in ``dtype``, dequantized (in float32, then cast: bit for bit ``_read(...).to(dtype)``) and
+    written into the result chunk by chunk: one pass over the file's bytes, and no temporary bigger than a chunk
+    (a whole-tensor dequantization held the raw bytes, the float32 product and an int-to-float copy at once:
+    +190 MB for the 49152 x 576 Q8_0 embedding). ``order``: output row r is file row ``order[r]``."""
+    shape = info.shape
+    if len(shape) < 2:          # norms and biases: small
+        w = _read(mm, info)
+        return (w if order is None else w[order]).to(dtype)
+    out = torch.empty(shape, dtype=dtype)
+    for r0, raw in row_chunks(mm, info, order):
+        rows = raw.shape[0]
+        out[r0:r0 + rows] = dequantize(_tensor(raw), info.ggml_type, (rows, *shape[1:]))
+    return out
+
+
 def _unpermute(w: torch.Tensor, n_head: int) -> torch.Tensor:
     """Undo llama.cpp's Q/K row order.
 
@@ -116,3 +173,8 @@ def _unpermute(w: torch.Tensor, n_head: int) -> torch.Tensor:
     rotary halves of each head (ggml's rope rotates adjacent pairs, HF's rotates halves).
     """
     return w.reshape(n_head, w.shape[0] // n_head // 2, 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
+
+
+def _tensor(raw: np.ndarray) -> torch.Tensor:
+    """A chunk of bytes as a torch tensor (a view of the map is read-only: copied, one chunk)."""
+    return torch.from_numpy(raw if raw.flags.writeable else raw.copy())

@@ -55,9 +55,11 @@ def _backend(path: Path, md: dict[str, Any]):
     merges = [tuple(m.split(" ", 1)) for m in md.get("tokenizer.ggml.merges", [])]
     if kind == "gpt2":  # byte-level BPE (GPT-2, Llama 3, Qwen2, SmolLM ...)
         spelling = _bytes_to_unicode()
-        alphabet = set(spelling.values())
+        # the characters of the vocabulary outside the byte alphabet (none in most files: then no per-token test)
+        foreign = set("".join(tokens)) - set(spelling.values())
+        in_alphabet = [foreign.isdisjoint(t) for t in tokens] if foreign else [True] * len(tokens)
         # tokens outside the byte alphabet are respelled in it, so the BPE model can reach them
-        spelled = [t if set(t) <= alphabet else "".join(spelling[b] for b in t.encode()) for t in tokens]
+        spelled = [t if ok else "".join(spelling[b] for b in t.encode()) for t, ok in zip(tokens, in_alphabet)]
         tok = Tokenizer(BPE({t: i for i, t in enumerate(spelled)}, merges, dropout=None,
                             continuing_subword_prefix="", end_of_word_suffix="", fuse_unk=False))
         split = md.get("tokenizer.ggml.pre", "default")
@@ -71,7 +73,7 @@ def _backend(path: Path, md: dict[str, Any]):
             tok.pre_tokenizer = pre.ByteLevel(add_prefix_space=False)
         tok.decoder = decoders.ByteLevel()
         # llama.cpp sometimes marks tokens outside the byte alphabet as control: not real specials
-        can_be_special = [set(t) <= alphabet for t in tokens]
+        can_be_special = in_alphabet
     elif kind == "llama":  # SentencePiece-style BPE with byte fallback (Llama 2, TinyLlama, Mistral ...)
         merges = merges or _merges_from_scores(tokens, md["tokenizer.ggml.scores"])
         tok = Tokenizer(BPE({t: i for i, t in enumerate(tokens)}, merges, fuse_unk=True, byte_fallback=True,
