@@ -290,3 +290,27 @@ def test_kernels_off_on_purpose_are_silent(without_kernels, monkeypatch):
     assert not [w for w in caught if issubclass(w.category, KernelsUnavailableWarning)]
     with pytest.raises(RuntimeError, match="PROSA_KERNELS=0"):
         quant.build_kernels()
+
+
+@pytest.mark.parametrize("bits,asym", [(8, False), (4, True)])
+@pytest.mark.parametrize("backend", ["torch", pytest.param("prosa", marks=needs_ext)])
+def test_layers_packed_from_row_chunks_equal_whole_ones(bits, asym, backend):
+    """A fused projection read a chunk of rows at a time (parts of 40, 24 and 8 rows: not whole tiles of 16) is the
+    layer ``from_int`` makes from the joined integers (what the GGUF loader does without holding a layer whole)."""
+    from prosa.weights.assemble import _joined
+
+    lin = linear(72, 96, bias=False)
+    q, d, m = QuantizedLinear.from_linear(lin, bits, 32, backend="torch", symmetric=not asym).to_int()
+    whole = QuantizedLinear.from_int(q, d, m, None, backend, bits=bits)
+    parts, r0 = [], 0
+    for rows, step in ((40, 24), (24, 16), (8, 8)):       # each part in its own chunks, numbered from 0 as a file is
+        cut = [slice(r0 + c, r0 + min(c + step, rows)) for c in range(0, rows, step)]
+        parts.append([(s.start - r0, q[s], d[s], None if m is None else m[s]) for s in cut])
+        r0 += rows
+    chunked = QuantizedLinear.from_int_chunks(72, 96, 32, bits, asym, _joined(parts), backend=backend)
+    assert chunked.backend == whole.backend
+    for a, b in zip(chunked.to_int(), whole.to_int()):
+        assert (a is None and b is None) or torch.equal(a, b)
+    with pytest.raises(ValueError):      # chunks must come in order, in whole tiles
+        QuantizedLinear.from_int_chunks(72, 96, 32, bits, asym, [(8, q[8:], d[8:], None if m is None else m[8:])],
+                                        backend="prosa")
