@@ -1,4 +1,4 @@
-"""Build of prosa's optional C++ kernels (``prosa._qlinear``, from ``prosa/csrc/qlinear.cpp``).
+"""Build of prosa's optional C++ kernels (``prosa._qlinear``, from ``prosa/csrc/qlinear.cpp`` and ``repack.cpp``).
 
 Everything else is in pyproject.toml. The extension is compiled against the torch found in the build environment,
 so build with ``pip install --no-build-isolation .`` after installing torch (the Makefile does). Without torch in
@@ -86,7 +86,7 @@ if os.environ.get("PROSA_NO_KERNELS") != "1":
                                       f"reinstall with {REINSTALL}")
 
         # optional=True: setuptools then skips the missing .so when it copies outputs (editable installs)
-        ext_modules = [CppExtension("prosa._qlinear", ["prosa/csrc/qlinear.cpp"], optional=True,
+        ext_modules = [CppExtension("prosa._qlinear", ["prosa/csrc/qlinear.cpp", "prosa/csrc/repack.cpp"], optional=True,
                                     extra_compile_args=["-O3", "-fopenmp"], extra_link_args=["-fopenmp"])]
         cmdclass = {"build_ext": OptionalBuild}
 

@@ -54,6 +54,22 @@ def _rope_theta(cfg) -> float:
 
 
 @pytest.mark.slow
+def test_the_type_table_is_the_gguf_packages(bundled_gguf):
+    """prosa's own copy of the GGML types (the reader does not import gguf: ~0.1-0.2 s of every load) matches the
+    installed gguf's, and loading the bundled model leaves the package unimported."""
+    import subprocess
+    import sys
+
+    from prosa.weights.ggml_types import QUANT_SIZES, GGMLType
+
+    assert {t.name: int(t) for t in GGMLType} == {t.name: int(t) for t in Q}
+    assert {t.name: v for t, v in QUANT_SIZES.items()} == {t.name: v for t, v in GGML_QUANT_SIZES.items()}
+    code = ("import sys, prosa; lm = prosa.load(sys.argv[1]); lm.generate('Hi', max_new_tokens=2); "
+            "print(sorted(m for m in sys.modules if m == 'gguf' or m.startswith(('gguf.', 'yaml'))))")
+    out = subprocess.run([sys.executable, "-c", code, str(bundled_gguf)], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and out.stdout.strip().splitlines()[-1] == "[]", out.stderr[-2000:] + out.stdout
+
+
 def test_config_matches_transformers(ours, hf_model):
     hf = hf_model.config
     for key in ("model_type", "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",

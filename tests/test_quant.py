@@ -314,3 +314,32 @@ def test_layers_packed_from_row_chunks_equal_whole_ones(bits, asym, backend):
     with pytest.raises(ValueError):      # chunks must come in order, in whole tiles
         QuantizedLinear.from_int_chunks(72, 96, 32, bits, asym, [(8, q[8:], d[8:], None if m is None else m[8:])],
                                         backend="prosa")
+
+
+@needs_ext
+@pytest.mark.parametrize("kind", ["Q8_0", "Q4_0", "Q4_1"])
+def test_gguf_blocks_repacked_in_cpp_equal_the_python_path(kind):
+    """``from_gguf_rows`` (C++, straight from the file's bytes) makes the layer ``from_int`` makes from
+    ``gguf_to_int``'s integers: parts of 40, 8 and 24 rows (tiles straddle parts), one with its rows reordered."""
+    from gguf import GGMLQuantizationType as T
+    from gguf import quants
+
+    rng = np.random.default_rng(1)
+    parts, ints = [], []
+    for rows, reorder in ((40, False), (8, True), (24, False)):
+        w = (rng.standard_normal((rows, 96)) * 0.05).astype(np.float32)
+        raw = torch.from_numpy(quants.quantize(w, T[kind]).reshape(rows, -1))
+        order = torch.from_numpy(rng.permutation(rows)) if reorder else None
+        parts.append((raw, order))
+        _, q, d, m = quant.gguf_to_int(raw.numpy(), kind, (rows, 96))
+        ints.append((q, d, m) if order is None else (q[order], d[order], None if m is None else m[order]))
+    fast = QuantizedLinear.from_gguf_rows(kind, parts, 72, 96)
+    q, d = torch.cat([i[0] for i in ints]), torch.cat([i[1] for i in ints])
+    m = None if kind == "Q8_0" else torch.cat([i[2] for i in ints])
+    slow = QuantizedLinear.from_int(q, d, m, None, "prosa", bits=8 if kind == "Q8_0" else 4)
+    assert fast is not None and fast.backend == "prosa" and set(fast._buffers) == set(slow._buffers)
+    for name, t in slow._buffers.items():
+        assert t is None or torch.equal(fast._buffers[name], t), name
+    assert QuantizedLinear.from_gguf_rows("Q4_K", parts, 72, 96) is None       # not this path: the caller's fallback
+    with pytest.raises(RuntimeError, match="not a contiguous uint8"):
+        QuantizedLinear.from_gguf_rows(kind, [(parts[0][0][:, :-1], None)], 40, 96)

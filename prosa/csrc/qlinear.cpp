@@ -1000,6 +1000,10 @@ torch::Tensor sample_rows(const torch::Tensor& probs_in, const torch::Tensor& u_
 std::string isa() { return (use_avx512() && !g_force_scalar) ? "avx512_vnni" : "scalar"; }
 void force_scalar(bool on) { g_force_scalar = on; }
 
+// repack.cpp
+std::vector<torch::Tensor> gguf_repack(const std::vector<torch::Tensor>& parts, const std::vector<torch::Tensor>& orders,
+                                       int64_t kind, int64_t k);
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("linear_int8", &linear_int8, "y = x @ W^T + b, W row-interleaved int8 (stored +128) with fp16 group scales",
         py::call_guard<py::gil_scoped_release>());
@@ -1058,6 +1062,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::call_guard<py::gil_scoped_release>());
   m.def("sample_rows", &sample_rows, "inverse-CDF sampling, one uniform number per row",
         py::call_guard<py::gil_scoped_release>());
+  m.def("gguf_repack", &gguf_repack, "GGUF Q8_0/Q4_0/Q4_1 blocks (row parts, optional row orders) -> the prosa "
+        "layout: [qweight, scales(, mins)]", py::arg("parts"), py::arg("orders"), py::arg("kind"), py::arg("k"));
   m.def("isa", &isa, "the code path in use: avx512_vnni or scalar");
   m.def("force_scalar", &force_scalar, "use the portable path even where AVX-512 VNNI is available (tests)");
 }

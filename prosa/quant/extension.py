@@ -1,4 +1,4 @@
-"""Loading the prosa C++ kernels (``prosa/csrc/qlinear.cpp``) and registering them as torch ops.
+"""Loading the prosa C++ kernels (``prosa/csrc/qlinear.cpp``, ``repack.cpp``) and registering them as torch ops.
 
 The extension is built by the package build as ``prosa._qlinear`` (setup.py), or else compiled at run time on
 request (``build_kernels()`` or ``$PROSA_BUILD_KERNELS=1``; ~1 min, then cached under ``~/.cache/prosa/kernels``).
@@ -21,7 +21,8 @@ from pathlib import Path
 
 import torch
 
-_CSRC = Path(__file__).parents[1] / "csrc" / "qlinear.cpp"   # prosa/csrc, one level above this package
+_CSRC_DIR = Path(__file__).parents[1] / "csrc"   # prosa/csrc, one level above this package
+_SOURCES = [_CSRC_DIR / "qlinear.cpp", _CSRC_DIR / "repack.cpp"]
 
 _ext = None
 _ext_error: str | None = None
@@ -39,7 +40,8 @@ class KernelsUnavailableWarning(RuntimeWarning):
 
 def _build_dir() -> Path:
     """Build folder keyed by the source, torch and Python versions (a change rebuilds into a new folder)."""
-    key = hashlib.sha256(_CSRC.read_bytes() + torch.__version__.encode() + sys.version.encode()).hexdigest()[:16]
+    code = b"".join(p.read_bytes() for p in _SOURCES)
+    key = hashlib.sha256(code + torch.__version__.encode() + sys.version.encode()).hexdigest()[:16]
     root = Path(os.environ.get("PROSA_KERNEL_DIR") or Path.home() / ".cache" / "prosa" / "kernels")
     return root / key
 
@@ -87,7 +89,7 @@ def kernels(build: bool | None = None):
 
                     folder.mkdir(parents=True, exist_ok=True)
                     # No -march: the AVX-512 code is compiled per function (target attributes), chosen at run time.
-                    _ext = load(name="prosa_qlinear", sources=[str(_CSRC)], build_directory=str(folder),
+                    _ext = load(name="prosa_qlinear", sources=[str(p) for p in _SOURCES], build_directory=str(folder),
                                 extra_cflags=["-O3", "-fopenmp"], extra_ldflags=["-fopenmp"], verbose=False)
             except Exception as e:  # noqa: BLE001 - no compiler, bad toolchain ...: fall back to other backends
                 _ext_error = f"{type(e).__name__}: {e}"

@@ -20,7 +20,7 @@ def gguf_to_int(raw, ggml_type, shape: tuple[int, int]):
         bits (8 or 4), q (int8 for Q8_0, uint8 0..15 for Q4_x; shape ``shape``), d and m float16 (rows, cols // 32);
         m is None for Q8_0. Q4_0's implicit zero becomes ``m = -8 d`` (exact in fp16).
     """
-    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as Q
+    from ..weights.ggml_types import QUANT_SIZES as GGML_QUANT_SIZES, GGMLType as Q
 
     t = Q[ggml_type] if isinstance(ggml_type, str) else Q(ggml_type)
     if t not in (Q.Q8_0, Q.Q4_0, Q.Q4_1, Q.Q4_K):

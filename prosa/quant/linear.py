@@ -137,6 +137,33 @@ class QuantizedLinear(nn.Module):
         return cls.from_int(q, d, m, None, backend, bits)
 
     @classmethod
+    def from_gguf_rows(cls, kind: str, parts: list[tuple[torch.Tensor, torch.Tensor | None]],
+                       n: int, k: int) -> "QuantizedLinear | None":
+        """A prosa-backend layer straight from GGUF Q8_0 / Q4_0 / Q4_1 blocks, by the C++ repacking (one pass over
+        the file's bytes, nothing allocated but the result): what ``from_int_chunks`` of ``gguf_to_int``'s
+        integers makes, bit for bit.
+
+        Args:
+            kind: the GGUF type name of every part.
+            parts: ``(bytes, order)`` per row block of the weight in order (a fused projection's parts): bytes
+                uint8 (rows, K / 32 * block bytes), e.g. a read-only view of the file's map (only read); order
+                int64 (rows,) (output row r of the part is its row ``order[r]``) or None.
+            n, k: the layer's out and in features (n = the parts' rows).
+        Returns:
+            the layer, or None where this path does not apply (another type, the kernels unavailable or another
+            backend chosen for the shape): the caller then goes through ``from_int_chunks``.
+        """
+        ids = {"Q8_0": 8, "Q4_0": 2, "Q4_1": 3}
+        bits = 8 if kind == "Q8_0" else 4
+        ext = kernels()
+        if kind not in ids or ext is None or not hasattr(ext, "gguf_repack") or \
+                cls._choose_backend(bits, n, k, 32, kind != "Q8_0") != "prosa":
+            return None
+        none = torch.empty(0, dtype=torch.int64)
+        bufs = ext.gguf_repack([p for p, _ in parts], [none if o is None else o for _, o in parts], ids[kind], k)
+        return cls(k, n, bits, 32, "prosa", dict(zip(("qweight", "scales", "mins"), bufs)), None)
+
+    @classmethod
     def from_float(cls, weight: torch.Tensor, bias: torch.Tensor | None = None, bits: int = 4,
                    group_size: int | None = 32, backend: str = "auto", symmetric: bool = False) -> "QuantizedLinear":
         """Quantize a float weight (N, K). ``group_size=None`` means per-channel (int8 only). int8 is asymmetric

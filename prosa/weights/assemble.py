@@ -99,10 +99,15 @@ def _gguf_exact(model: nn.Module, ck: Any, mode: str, dtype: torch.dtype, device
             raise CorruptModelError(f"{ck.path}: {name} is {' + '.join(str(tuple(s)) for s in shapes)} in the "
                                     f"file but the config makes it {tuple(mod.weight.shape)}")
         kind = next(iter(kinds))
-        # each chunk of rows goes from the file's blocks to the kernels' layout while it is in cache: one pass
-        # over the weight, no whole-layer temporaries (QuantizedLinear.from_int_chunks)
-        layer = QuantizedLinear.from_int_chunks(*shape, GROUP_SIZE, bits, kind != "Q8_0",
-                                                _joined([gg.int_chunks(s) for s in sources])).to(device)
+        # the file's blocks go to the kernels' layout in one pass over the weight, with no whole-layer temporaries
+        # (in C++, else a chunk of rows at a time while it is in cache)
+        layer = QuantizedLinear.from_gguf_rows(kind, [gg.raw_rows(s)[1:] for s in sources], *shape)
+        if layer is None:       # no C++ repacking for this type or shape: the integers, a chunk at a time
+            layer = QuantizedLinear.from_int_chunks(*shape, GROUP_SIZE, bits, kind != "Q8_0",
+                                                    _joined([gg.int_chunks(s) for s in sources]))
+        for s in sources:
+            gg.release(s)
+        layer = layer.to(device)
         _swap(model, name, layer)
         report.formats[f"int{bits} (GGUF {kind}, {'scales to fp16' if kind == 'Q4_K' else 'exact'})"] += 1
         consumed.update(s for s in sources if s != embed)   # the embedding itself is still needed as float

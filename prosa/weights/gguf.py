@@ -16,18 +16,20 @@ from __future__ import annotations
 
 import mmap
 import struct
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterator
 
+import numpy as np
 import torch
-from gguf import GGMLQuantizationType as Q
 
 from prosa.errors import CorruptModelError, ModelNotFoundError, UnsupportedModelError
 
+from .ggml_types import GGMLType as Q
 from .gguf_config import ARCHS, _Arch, _config, _hf_name
-from .gguf_dequant import (_FLOAT, _NUMPY_QUANTS, _TORCH_QUANTS, _read, _unpermute, _unsupported_type, dequantize,
-                           one_thread, read_tensor, row_chunks)
+from .gguf_dequant import (_FLOAT, _NUMPY_QUANTS, _TORCH_QUANTS, _read, _release, _unpermute, _unsupported_type,
+                           dequantize, one_thread, read_tensor, row_chunks)
 from .gguf_format import MAGIC, _TensorInfo, _corrupt, _parse
 from .gguf_tokenizer import _tokenizer
 
@@ -98,6 +100,26 @@ class GGUFCheckpoint:
         q, d = torch.cat([c[1] for c in parts]), torch.cat([c[2] for c in parts])
         return (8 if q.dtype == torch.int8 else 4), q, d, None if parts[0][3] is None else torch.cat(
             [c[3] for c in parts])
+
+    def raw_rows(self, hf_name: str) -> tuple[str, torch.Tensor, torch.Tensor | None]:
+        """A 2-D weight's bytes as stored, without a copy: ``(type name, bytes, order)``. bytes: uint8 (rows, row
+        bytes), a view of the read-only map (never to be written); order: int64 (rows,), output row r is file row
+        ``order[r]`` (llama.cpp's Q/K row order undone), or None. ``release`` drops its pages from RSS after use."""
+        for info, name, part in self._entries:
+            if name == hf_name:
+                if len(info.shape) != 2:
+                    raise ValueError(f"{hf_name} is not a 2-D weight")
+                with warnings.catch_warnings():      # read-only memory: torch warns that it could be written
+                    warnings.simplefilter("ignore")
+                    raw = torch.from_numpy(np.frombuffer(self._mm, np.uint8, info.nbytes, info.start))
+                return Q(info.ggml_type).name, raw.view(info.shape[0], -1), self._order(info, part)
+        raise KeyError(hf_name)
+
+    def release(self, hf_name: str) -> None:
+        """Unmap the file pages of a tensor read through ``raw_rows`` (they stay in the page cache)."""
+        for info, name, _ in self._entries:
+            if name == hf_name:
+                _release(self._mm, info)
 
     def int_chunks(self, hf_name: str, multiple: int = 16
                    ) -> Iterator[tuple[int, torch.Tensor, torch.Tensor, torch.Tensor | None]] | None:

@@ -8,10 +8,10 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 import torch
-from gguf import GGMLQuantizationType as Q
 
 from prosa.errors import UnsupportedModelError
 
+from .ggml_types import GGMLType as Q
 from .gguf_dequant import _FLOAT
 from .gguf_format import _TensorInfo, _corrupt
 

@@ -13,11 +13,10 @@ from typing import Iterator
 
 import numpy as np
 import torch
-from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as Q
-from gguf import quants as _gguf_quants
 
 from prosa.errors import UnsupportedModelError
 
+from .ggml_types import QUANT_SIZES as GGML_QUANT_SIZES, GGMLType as Q
 from .gguf_format import _TensorInfo
 
 # Tensor types: the hot ones are dequantized in torch below, the K-quants by gguf-py's numpy reference.
@@ -66,7 +65,9 @@ def dequantize(raw: torch.Tensor, ggml_type: int, shape: tuple[int, ...]) -> tor
     block, block_bytes = GGML_QUANT_SIZES[ggml_type]
     if ggml_type in _NUMPY_QUANTS:
         rows = raw.numpy().reshape(-1, shape[-1] // block * block_bytes)
-        return torch.from_numpy(_gguf_quants.dequantize(rows, ggml_type)).reshape(shape)
+        from gguf import GGMLQuantizationType, quants  # the numpy reference; importing gguf costs ~0.1 s
+
+        return torch.from_numpy(quants.dequantize(rows, GGMLQuantizationType(int(ggml_type)))).reshape(shape)
     b = raw.reshape(-1, block_bytes)
     d = _halves(b, 0)
     if ggml_type == Q.Q8_0:  # d, 32 x int8

@@ -13,9 +13,10 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 import numpy as np
-from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as Q
 
 from prosa.errors import CorruptModelError, UnsupportedModelError
+
+from .ggml_types import QUANT_SIZES as GGML_QUANT_SIZES, GGMLType as Q
 
 MAGIC = b"GGUF"
 # Metadata value types (GGUF spec): fixed-size ones by struct format; 8 = string, 9 = array.

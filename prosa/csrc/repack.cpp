@@ -1,0 +1,131 @@
+// GGUF Q8_0 / Q4_0 / Q4_1 blocks -> the prosa kernels' weight layout, in one pass.
+//
+// Loading a GGUF file exactly (prosa.weights.assemble) turns each quantized weight into the layout qlinear.cpp's
+// kernels read (see prosa/quant/layout.py): rows interleaved 16 at a time, int8 as (T, K/4, 16, 4) bytes stored
+// q + 128, int4 as (T, K/8, 16, 4) bytes (byte j of a group of 8 = q[8c + j] | q[8c + 4 + j] << 4), fp16 scales
+// and mins as (T, K/32, 16). The Python path does the same through whole-tensor temporaries (codes, nibble
+// splits, permutes): ~0.4 s of the bundled model's 1 s load. Here each file row is read once, straight from the
+// memory map, and written to its place; nothing but the result is allocated.
+#include <torch/extension.h>
+
+#include <c10/util/Half.h>
+
+#include <cstring>
+#include <vector>
+
+namespace {
+
+constexpr int64_t TILE = 16;  // output rows per tile
+constexpr int64_t QK = 32;    // weights per GGUF block (and per prosa group)
+
+// GGML type ids (gguf.GGMLQuantizationType)
+constexpr int64_t Q4_0 = 2, Q4_1 = 3, Q8_0 = 8;
+
+inline uint16_t half_bits(const uint8_t* p) {
+  uint16_t h;
+  std::memcpy(&h, p, 2);
+  return h;
+}
+
+}  // namespace
+
+// Args:
+//   parts: the weight's row blocks in order (a fused projection's q, k, v), each uint8 (rows_i, K / 32 * block
+//     bytes), contiguous; the rows of all parts make the N output rows.
+//   orders: per part, an int64 (rows_i,) tensor (output row r of the part is its file row order[r]: llama.cpp's
+//     Q/K row permutation undone) or an empty tensor (rows in order).
+//   kind: the GGML type id of every part (8 Q8_0, 2 Q4_0, 3 Q4_1).
+//   k: columns (K, a multiple of 32).
+// Returns:
+//   [qweight, scales] for Q8_0, [qweight, scales, mins] for Q4_0 / Q4_1 (Q4_0's implicit zero as m = -8 d, rounded
+//   to fp16 as torch's d * -8 is); rows past N in the last tile are zero (int8: stored 0 + 128).
+std::vector<torch::Tensor> gguf_repack(const std::vector<torch::Tensor>& parts, const std::vector<torch::Tensor>& orders,
+                                       int64_t kind, int64_t k) {
+  TORCH_CHECK(kind == Q8_0 || kind == Q4_0 || kind == Q4_1, "gguf_repack: GGML type ", kind,
+              " is not Q8_0, Q4_0 or Q4_1");
+  TORCH_CHECK(k > 0 && k % QK == 0, "gguf_repack: K = ", k, " is not a multiple of 32");
+  TORCH_CHECK(!parts.empty() && parts.size() == orders.size(), "gguf_repack: one order per part");
+  const int64_t block = kind == Q8_0 ? 34 : (kind == Q4_0 ? 18 : 20);
+  const int64_t nb = k / QK, row_bytes = nb * block;
+  std::vector<const uint8_t*> rows;  // the file row behind each output row
+  for (size_t i = 0; i < parts.size(); ++i) {
+    const auto& p = parts[i];
+    TORCH_CHECK(p.device().is_cpu() && p.scalar_type() == torch::kUInt8 && p.dim() == 2 && p.is_contiguous() &&
+                    p.size(1) == row_bytes,
+                "gguf_repack: part ", i, " is not a contiguous uint8 (rows, ", row_bytes, ") CPU tensor");
+    const uint8_t* base = p.data_ptr<uint8_t>();
+    const auto& o = orders[i];
+    if (o.numel() == 0) {
+      for (int64_t r = 0; r < p.size(0); ++r) rows.push_back(base + r * row_bytes);
+    } else {
+      TORCH_CHECK(o.scalar_type() == torch::kInt64 && o.dim() == 1 && o.size(0) == p.size(0) && o.is_contiguous(),
+                  "gguf_repack: order ", i, " is not an int64 (", p.size(0), ",) tensor");
+      const int64_t* op = o.data_ptr<int64_t>();
+      for (int64_t r = 0; r < p.size(0); ++r) {
+        TORCH_CHECK(op[r] >= 0 && op[r] < p.size(0), "gguf_repack: order ", i, " names row ", op[r]);
+        rows.push_back(base + op[r] * row_bytes);
+      }
+    }
+  }
+  const int64_t n = static_cast<int64_t>(rows.size()), t_count = (n + TILE - 1) / TILE;
+  const bool int8 = kind == Q8_0;
+  auto u8 = torch::TensorOptions().dtype(torch::kUInt8);
+  auto f16 = torch::TensorOptions().dtype(torch::kHalf);
+  torch::Tensor qw = int8 ? torch::empty({t_count, k / 4, TILE, 4}, u8) : torch::empty({t_count, k / 8, TILE, 4}, u8);
+  torch::Tensor sc = torch::empty({t_count, nb, TILE}, f16);
+  torch::Tensor mn = int8 ? torch::Tensor() : torch::empty({t_count, nb, TILE}, f16);
+  uint8_t* q = qw.data_ptr<uint8_t>();
+  uint16_t* s = reinterpret_cast<uint16_t*>(sc.data_ptr<at::Half>());
+  uint16_t* m = int8 ? nullptr : reinterpret_cast<uint16_t*>(mn.data_ptr<at::Half>());
+  const int64_t cols4 = int8 ? k / 4 : k / 8;  // 4-byte columns of a tile row
+
+  for (int64_t t = 0; t < t_count; ++t) {
+    uint8_t* qt = q + t * cols4 * TILE * 4;  // this tile: (cols4, 16, 4)
+    uint16_t* st = s + t * nb * TILE;        // (nb, 16)
+    uint16_t* mt = int8 ? nullptr : m + t * nb * TILE;
+    for (int64_t r = 0; r < TILE; ++r) {
+      const int64_t row = t * TILE + r;
+      if (row >= n) {  // padding rows of the last tile
+        for (int64_t c = 0; c < cols4; ++c) std::memset(qt + (c * TILE + r) * 4, int8 ? 0x80 : 0, 4);
+        for (int64_t b = 0; b < nb; ++b) {
+          st[b * TILE + r] = 0;
+          if (mt) mt[b * TILE + r] = 0;
+        }
+        continue;
+      }
+      const uint8_t* src = rows[row];
+      for (int64_t b = 0; b < nb; ++b, src += block) {
+        st[b * TILE + r] = half_bits(src);
+        if (int8) {
+          // 32 int8 codes -> 8 columns of 4 bytes, each stored q + 128 (= q ^ 0x80)
+          for (int64_t j = 0; j < 8; ++j) {
+            uint32_t w;
+            std::memcpy(&w, src + 2 + 4 * j, 4);
+            w ^= 0x80808080u;
+            std::memcpy(qt + ((b * 8 + j) * TILE + r) * 4, &w, 4);
+          }
+          continue;
+        }
+        const uint8_t* qs = src + (kind == Q4_0 ? 2 : 4);  // 16 bytes: element e < 16 low nibble of qs[e],
+                                                            // element e >= 16 high nibble of qs[e - 16]
+        if (kind == Q4_0) {
+          mt[b * TILE + r] = c10::Half(static_cast<float>(c10::Half(half_bits(src), c10::Half::from_bits())) * -8.0f).x;
+        } else {
+          mt[b * TILE + r] = half_bits(src + 2);
+        }
+        uint8_t e[QK];
+        for (int64_t i = 0; i < 16; ++i) {
+          e[i] = qs[i] & 0x0F;
+          e[i + 16] = qs[i] >> 4;
+        }
+        // 4 prosa columns per block: column c holds elements 8c..8c+3 (low nibbles) and 8c+4..8c+7 (high)
+        for (int64_t c = 0; c < 4; ++c) {
+          uint8_t* dst = qt + ((b * 4 + c) * TILE + r) * 4;
+          for (int64_t j = 0; j < 4; ++j) dst[j] = e[8 * c + j] | (e[8 * c + 4 + j] << 4);
+        }
+      }
+    }
+  }
+  if (int8) return {qw, sc};
+  return {qw, sc, mn};
+}
