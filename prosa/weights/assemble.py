@@ -49,7 +49,8 @@ def _output_names(model: nn.Module) -> set[str]:
 
 def _bits_for(name: str, mode: str, outputs: set[str]) -> int:
     """int8 everywhere in int8 mode; int4 in int4 mode but for the output layer, which stays int8 (the vocabulary
-    projection is the most sensitive layer to quantize, and llama.cpp's Q4 files keep it at 6-8 bits too)."""
+    projection is the most sensitive layer to quantize, and llama.cpp's Q4 files keep it at 6-8 bits too) unless
+    a GGUF file already stores it in 4 bits (``_gguf_exact``)."""
     return 8 if mode == "int8" or name in outputs else 4
 
 
@@ -91,6 +92,9 @@ def _gguf_exact(model: nn.Module, ck: Any, mode: str, dtype: torch.dtype, device
             sources = [embed]   # tied output layer: quantized copy of the embedding's blocks
         bits = _bits_for(name, mode, outputs)
         kinds = {types.get(s) for s in sources}
+        if bits == 8 and mode == "int4" and kinds <= set(want[4]):
+            bits = 4    # an output layer the file stores in 4 bits is taken as it is: int8 of its dequantized
+            #             values would read twice the bytes per token for no more information
         if len(kinds) != 1 or next(iter(kinds)) not in want[bits]:
             continue
         shapes = [stored[s] for s in sources]
