@@ -27,6 +27,15 @@ READY = ".bench-ready"   # written last, so that a half-built folder (interrupte
 
 
 # ----------------------------------------------------------------------------------------------- measurement
+def rss_mb(key: str = "VmRSS") -> float:
+    """This process's resident set (``VmRSS``) or its peak (``VmHWM``) in MB, from /proc/self/status."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
 def peak_rss_mb() -> float:
     """Peak resident set of this process in MB, from /proc/self/status's VmHWM. (``ru_maxrss`` is not used: on
     Linux it survives exec, so a child spawned by a big parent would report the parent's peak.)"""
@@ -89,6 +98,11 @@ def run_prosa(spec: dict[str, Any]) -> dict[str, Any]:
     ``stream`` is not timed directly: it only yields once text is final, and a random model's byte tokens may
     never form valid UTF-8 until the end, which would hide every step but the last.
     """
+    # issue #13's baselines, in this same process: `import torch` alone (time from the process start, resident
+    # memory); prosa's own imports and load come on top of them
+    import torch  # noqa: F401
+
+    torch_s, torch_rss = time.time() - spec["t0"], rss_mb()
     import prosa
 
     # "int4+a8": int4 weights with int8 activations (llama.cpp's arithmetic), the opt-in fast kernels
@@ -109,7 +123,8 @@ def run_prosa(spec: dict[str, Any]) -> dict[str, Any]:
             clock.first(b, ev.text)
         elif seen > b:
             clock.step(1, ev.text if ev.seq == 0 else "")
-    return clock.result(weights=lm.weights, weight_bytes=module_bytes(lm.model), prompt_tokens=prompt_tokens)
+    return clock.result(weights=lm.weights, weight_bytes=module_bytes(lm.model), prompt_tokens=prompt_tokens,
+                        import_torch_s=torch_s, import_torch_rss_mb=torch_rss)
 
 
 def run_transformers(spec: dict[str, Any]) -> dict[str, Any]:

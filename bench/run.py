@@ -261,7 +261,7 @@ def targets(cfgs: list[Config], quick: bool) -> list[str]:
     ratio("prosa float32 single stream / transformers fp32", find(cfgs, "prosa", "smollm2", ("none",), 1), hf1,
           "transformers", None)
     ratio("prosa best exact single stream / llama.cpp", best1, find(cfgs, "llama.cpp", "smollm2", None, 1),
-          "llama.cpp", 1.2, 1.0)
+          "llama.cpp", 1.25, 1.0)
     ratio("prosa best exact single stream / CTranslate2 int8", best1,
           find(cfgs, "CTranslate2", "smollm2", ("int8",), 1), "CTranslate2", 1.2, 1.0)
     fast1 = find(cfgs, "prosa", "smollm2", ("int4+a8",), 1)   # same weights, llama.cpp's int8 activations
@@ -276,17 +276,21 @@ def targets(cfgs: list[Config], quick: bool) -> list[str]:
     gpt = "gpt2-4" if quick else "gpt2"
     ratio(f"{'4-layer ' if quick else ''}GPT-2-shaped prosa int8 / transformers fp32",
           find(cfgs, "prosa", gpt, ("int8",), 1), find(cfgs, "transformers", gpt, None, 1), "transformers", 4)
+    # issue #13: cold start and memory against `import torch` measured in the same process (peers.run_prosa)
     for c in cfgs:
         if c.system == "prosa" and c.model == "smollm2" and c.seqs == 1 and c.results:
-            t = c.median("ttft_s")
-            out.append(f"| time to first token from process start, prosa {c.fmt} | {t:.2f} s | ≤ 3 s | "
-                       f"{'PASS' if t <= 3 else 'MISS'}{noisy(c)} |")
+            over = statistics.median(r["ttft_s"] - r["import_torch_s"] for r in c.results)
+            torch_s = c.median("import_torch_s")
+            out.append(f"| time to first token from process start, prosa {c.fmt} | {c.median('ttft_s'):.2f} s = "
+                       f"import torch {torch_s:.2f} s + {over:.2f} s | ≤ import torch + 0.6 s | "
+                       f"{'PASS' if over <= 0.6 else 'MISS'}{noisy(c)} |")
     for c in cfgs:
         if c.system == "prosa" and c.model == "smollm2" and c.seqs == 1 and c.results:
-            rss, wb = max(r["peak_rss_mb"] for r in c.results), c.results[0]["weight_bytes"] / 1e6
-            limit = 1.5 * wb + 150
-            out.append(f"| peak RSS, prosa {c.fmt} (weights {wb:.0f} MB) | {rss:.0f} MB | ≤ {limit:.0f} MB "
-                       f"(1.5 x weights + 150) | {'PASS' if rss <= limit else 'MISS'} |")
+            over = max(r["peak_rss_mb"] - r["import_torch_rss_mb"] for r in c.results)
+            wb = c.results[0]["weight_bytes"] / 2**20
+            limit = 1.25 * wb + 64
+            out.append(f"| peak RSS - import torch RSS, prosa {c.fmt} (weights {wb:.0f} MiB) | {over:.0f} MiB | "
+                       f"≤ {limit:.0f} MiB (1.25 x weights + 64) | {'PASS' if over <= limit else 'MISS'} |")
     return out
 
 
