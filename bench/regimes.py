@@ -17,7 +17,8 @@ the CPUs meanwhile. Four regimes:
 * scale: a TinyLlama-1.1B-shaped Q4_0 GGUF with random weights written by this script with the ``gguf`` writer;
   the machine's memory read bandwidth (``torch.sum`` / ``numpy.sum`` over 1 GB, best of several); prosa and llama.cpp
   decode on that file, and prosa's fraction of the bandwidth limit (weight bytes read per token / bandwidth).
-* bf16: ``quantize="bf16"`` and ``dtype="auto"`` against float32 on the bundled model, 1 and 8 sequences, with the
+* bf16: ``quantize="bf16"`` and ``dtype="auto"`` against float32 on a bfloat16 SmolLM2-135M-shaped HF folder (random
+  weights), 1 and 8 sequences, with the
   matmul implementation oneDNN reports (``ONEDNN_VERBOSE``) for one short generation.
 """
 from __future__ import annotations
@@ -33,8 +34,9 @@ from typing import Any
 
 HERE = Path(__file__).resolve()
 sys.path.insert(0, str(HERE.parent))
-from regimes_build import (ENV, FAMILIES, bundled_gguf, child, convert_hf, family_folder,  # noqa: E402
-                           gguf_tensor_bytes, gguf_types, gpt2_gguf, make_family, prepare_gpt2_gguf,
+from regimes_build import (ENV, FAMILIES, bf16_folder, bundled_gguf, child, convert_hf, family_folder,  # noqa: E402
+                           gguf_tensor_bytes, gguf_types, gpt2_gguf, make_bf16_llama, make_family,
+                           prepare_gpt2_gguf,
                            prepare_tinyllama, prompt_ids, quantize_gguf, tinyllama_gguf)
 from regimes_report import (PREFILL_SEQS, PROMPT_LEN, REGIMES, SECTION, Row, gguf_read_bytes,  # noqa: E402
                             report)
@@ -74,13 +76,16 @@ def plan(only: set[str], gguf: str) -> list[Row]:
         rows.append(Row("scale", "machine", "", "read bandwidth"))
         tl = str(tinyllama_gguf())
         rows.append(Row("scale", "prosa", "tinyllama", "int4", path=tl, source="GGUF Q4_0"))
+        # the same weights with llama.cpp's arithmetic (int8 activations, prosa's opt-in VNNI kernels)
+        rows.append(Row("scale", "prosa", "tinyllama", "int4+a8", path=tl, source="GGUF Q4_0"))
         if llama:
             rows.append(Row("scale", "llama.cpp", "tinyllama", "Q4_0", path=tl, source="GGUF Q4_0"))
     if "bf16" in only:
+        folder = str(bf16_folder())       # a bfloat16 checkpoint: what dtype="auto" keeps where the CPU runs it
         for n in (1, 8):
-            rows += [Row("bf16", "prosa", "smollm2", "none", n, dtype="float32", path=gguf),
-                     Row("bf16", "prosa", "smollm2", "bf16", n, path=gguf),
-                     Row("bf16", "prosa", "smollm2", "none", n, dtype="auto", path=gguf)]
+            rows += [Row("bf16", "prosa", "smollm2-bf16", "none", n, dtype="float32", path=folder),
+                     Row("bf16", "prosa", "smollm2-bf16", "bf16", n, path=folder),
+                     Row("bf16", "prosa", "smollm2-bf16", "none", n, dtype="auto", path=folder)]
     return rows
 
 
@@ -138,6 +143,8 @@ def prepare(rows: list[Row], args: argparse.Namespace, notes: list[str]) -> None
                 steps.setdefault("gpt2-gguf", [])
         if r.model == "tinyllama":
             steps.setdefault("tinyllama", [])
+        if r.model == "smollm2-bf16":
+            steps.setdefault("bf16-folder", [])
     failed: dict[str, str] = {}
     for step in steps:
         t = time.time()
@@ -152,7 +159,8 @@ def prepare(rows: list[Row], args: argparse.Namespace, notes: list[str]) -> None
         for step, why in failed.items():
             if (step.startswith("family:") and r.regime == "family" and r.model == step.split(":")[1]) or \
                     (step == "gpt2-gguf" and r.source.startswith("GGUF") and r.regime == "family") or \
-                    (step == "tinyllama" and r.model == "tinyllama"):
+                    (step == "tinyllama" and r.model == "tinyllama") or \
+                    (step == "bf16-folder" and r.model == "smollm2-bf16"):
                 r.errors.append(why)
                 r.blocked = True
 
@@ -165,6 +173,8 @@ def prepare_step(step: str, threads: int) -> None:
         prepare_gpt2_gguf(threads)
     elif step == "tinyllama":
         prepare_tinyllama()
+    elif step == "bf16-folder":
+        make_bf16_llama()
     else:
         raise ValueError(step)
 

@@ -27,7 +27,8 @@ SDIST = ROOT / "build" / "llama-sdist"      # `make bench-peers` keeps llama-cpp
 FAMILIES = {"gpt2": "GPT-2-124M shape", "gpt-neo": "GPT-Neo-125M shape",
             "gptj": "GPT-J shape (12 x 768, rotary_dim 64)", "gpt-neox": "GPT-NeoX / Pythia-160M shape"}
 MODELS = {**FAMILIES, "smollm2": "SmolLM2-135M-Instruct (bundled Q4_1 GGUF)",
-          "tinyllama": "TinyLlama-1.1B shape, random Q4_0 GGUF"}
+          "tinyllama": "TinyLlama-1.1B shape, random Q4_0 GGUF",
+          "smollm2-bf16": "SmolLM2-135M shape (random, 50257-token vocabulary), bfloat16 HF folder"}
 # TinyLlama-1.1B: 22 layers, 2048 wide, 5632 MLP, 32 heads, 4 KV heads, 32000 tokens
 LLAMA_1B = {"layers": 22, "hidden": 2048, "ffn": 5632, "heads": 32, "kv_heads": 4, "vocab": 32000, "context": 2048}
 
@@ -257,6 +258,33 @@ def prepare_gpt2_gguf(threads: int) -> None:
         child(["--quantize", str(f32), str(q4) + ".part", "Q4_0", str(threads)])
         os.replace(str(q4) + ".part", q4)
         f32.unlink()
+
+
+def bf16_folder() -> Path:
+    return peers.CACHE / "smollm2-135m-shape-bf16"
+
+
+def make_bf16_llama() -> Path:
+    """A SmolLM2-135M-shaped Llama with random weights saved in bfloat16 (config dtype "bfloat16"), so that
+    ``dtype="auto"`` has a bfloat16 checkpoint to keep; the vocabulary is bench/peers.py's 50257-id tokenizer's."""
+    folder = bf16_folder()
+    if (folder / peers.READY).is_file():
+        return folder
+    import shutil
+
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=50257, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                      num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=2048, rms_norm_eps=1e-5,
+                      rope_theta=100000.0, tie_word_embeddings=True, bos_token_id=50256, eos_token_id=50256)
+    LlamaForCausalLM(cfg).to(torch.bfloat16).save_pretrained(folder)
+    peers.gpt2_byte_tokenizer(folder)
+    (folder / peers.READY).write_text("")
+    return folder
 
 
 def prepare_tinyllama() -> Path:

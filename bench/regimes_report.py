@@ -250,10 +250,15 @@ def scale_section(rows: list[Row], file_info: dict[str, Any]) -> list[str]:
         out.append(f"{head} {cell(r.values('decode_tok_s'))} | {cell(r.values('ttft_s'), 2)} | "
                    f"{rb / 1e6:.0f} | {lim} | {frac} | {max(r.values('peak_rss_mb')):.0f} | "
                    f"{cell(r.values('other_load'))} |")
-    ours, peer = find(rows, "scale", "prosa", "tinyllama"), find(rows, "scale", "llama.cpp", "tinyllama")
+    ours, peer = find(rows, "scale", "prosa", "tinyllama", "int4"), find(rows, "scale", "llama.cpp", "tinyllama")
+    a8 = find(rows, "scale", "prosa", "tinyllama", "int4+a8")
     out += ["", "| comparison | measured | target | status |", "|---|---:|---:|---|",
-            target_row("TinyLlama-1.1B shape Q4_0: prosa / llama.cpp decode", ratio(ours, peer),
-                       TARGETS["scale_vs_llama"], loads(ours, peer), why=why_missing(ours, peer))]
+            target_row("TinyLlama-1.1B shape Q4_0: prosa (default: float activations) / llama.cpp decode",
+                       ratio(ours, peer), TARGETS["scale_vs_llama"], loads(ours, peer), why=why_missing(ours, peer))]
+    if a8 is not None:
+        out.append(target_row("TinyLlama-1.1B shape Q4_0: prosa int4+a8 (int8 activations, llama.cpp's arithmetic) / "
+                              "llama.cpp decode", ratio(a8, peer), TARGETS["scale_vs_llama"], loads(a8, peer),
+                              why=why_missing(a8, peer)))
     frac = None
     if ours is not None and ours.results and bw:
         frac = fraction_of_limit(ours.median("decode_tok_s"), ours.first("read_bytes"), bw)
@@ -270,7 +275,8 @@ def bf16_section(rows: list[Row], flags: str) -> list[str]:
     have = flags.split(";")[0]
     native = "avx512_bf16" in have or "amx_bf16" in have
     out = ["### bf16", "",
-           f"The bundled model, the bench prompt, 128 greedy tokens, end of sequence ignored. This CPU "
+           f"{MODELS['smollm2-bf16']} (config dtype bfloat16: what `dtype=\"auto\"` keeps where the CPU runs bf16 "
+           "natively), the bench prompt, 128 greedy tokens, end of sequence ignored. This CPU "
            f"{'has' if native else 'lacks'} native bf16 (avx512_bf16 / amx_bf16 in /proc/cpuinfo). Matmul path: "
            "oneDNN's implementation names from its verbose log during a 3-token generation after the timed one "
            "(`…_bf16` / `amx` = native bf16 instructions), whether prosa's fused decode step ran, and the layer types.",
@@ -287,9 +293,9 @@ def bf16_section(rows: list[Row], flags: str) -> list[str]:
                    f"{max(r.values('peak_rss_mb')):.0f} | {r.first('matmul', '—')} | {cell(r.values('other_load'))} |")
     out += ["", "| comparison | measured | target | status |", "|---|---:|---:|---|"]
     for n in (1, 8):
-        f32 = find(rows, "bf16", "prosa", "smollm2", "none", n, dtype="float32")
+        f32 = find(rows, "bf16", "prosa", "smollm2-bf16", "none", n, dtype="float32")
         for fmt, dt, name in (("bf16", "", "quantize=bf16"), ("none", "auto", "dtype=auto")):
-            r = find(rows, "bf16", "prosa", "smollm2", fmt, n, dtype=dt)
+            r = find(rows, "bf16", "prosa", "smollm2-bf16", fmt, n, dtype=dt)
             resolved = r.first("dtype") if r is not None else None
             label = f"{name} ({resolved}) / float32, {n} sequence(s)"
             out.append(target_row(label, ratio(r, f32), 1.0 if native else None, loads(r, f32), strict=True,

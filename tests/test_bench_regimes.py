@@ -90,16 +90,20 @@ def test_scale_and_bf16_tables() -> None:
     bw = rep.Row("scale", "machine", "", "read bandwidth")
     bw.results.append({"bandwidth": 10e9, "torch_bytes_s": 10e9, "numpy_bytes_s": 8e9, "other_load": 0.0})
     rows = [bw, _row("scale", "prosa", "tinyllama", "int4", tok_s=16.0, read_bytes=500e6, weights="int4"),
-            _row("scale", "llama.cpp", "tinyllama", "Q4_0", tok_s=12.0, read_bytes=560e6, weights="GGUF")]
+            _row("scale", "llama.cpp", "tinyllama", "Q4_0", tok_s=12.0, read_bytes=560e6, weights="GGUF"),
+            _row("scale", "prosa", "tinyllama", "int4+a8", tok_s=18.0, read_bytes=500e6, weights="int4")]
     text = "\n".join(rep.scale_section(rows, {"types": "9 x Q4_0", "mb": 600.0, "read_bytes": 560e6}))
     assert "Read bandwidth: 10.0 GB/s" in text
     assert "| prosa | int4 (int4) | 16.0 | 62.50 | 500 | 20.0 | 80% | 500 | 0.0 |" in text
-    assert "| TinyLlama-1.1B shape Q4_0: prosa / llama.cpp decode | 1.33x | ≥ 1.1x | PASS |" in text
+    assert "| TinyLlama-1.1B shape Q4_0: prosa (default: float activations) / llama.cpp decode | 1.33x | ≥ 1.1x " \
+           "| PASS |" in text
+    assert "prosa int4+a8 (int8 activations, llama.cpp's arithmetic) / llama.cpp decode | 1.50x | ≥ 1.1x | PASS |" \
+           in text
     assert "| prosa's fraction of the bandwidth limit (its own bytes read per token) | 80% | ≥ 80% | PASS |" in text
     assert "against the file's limit (the GGUF's bytes read per token) | 90% | — | info |" in text
-    rows = [_row("bf16", "prosa", "smollm2", "none", 1, dtype="float32", tok_s=20.0, dtype_resolved=None),
-            _row("bf16", "prosa", "smollm2", "bf16", 1, tok_s=25.0, matmul="oneDNN matmul:brg x10"),
-            _row("bf16", "prosa", "smollm2", "none", 1, dtype="auto", tok_s=19.0)]
+    rows = [_row("bf16", "prosa", "smollm2-bf16", "none", 1, dtype="float32", tok_s=20.0, dtype_resolved=None),
+            _row("bf16", "prosa", "smollm2-bf16", "bf16", 1, tok_s=25.0, matmul="oneDNN matmul:brg x10"),
+            _row("bf16", "prosa", "smollm2-bf16", "none", 1, dtype="auto", tok_s=19.0)]
     for r, d in zip(rows, ("float32", "bfloat16", "float32")):
         for res in r.results:
             res["dtype"] = d
