@@ -404,7 +404,10 @@ TGT void ftile_avx512(const FArgs& a, int64_t t, int64_t m0) {
   const uint16_t* dt = a.d + t * ng * TILE;
   const int64_t valid = std::min<int64_t>(TILE, a.N - t * TILE);
   const __mmask16 mask = valid >= TILE ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << valid) - 1);
-  const __m512i bytemask = _mm512_set1_epi32(0x0F), bytes = _mm512_set1_epi32(0xFF);
+  const __m512i bytes = _mm512_set1_epi32(0xFF);
+  // int4: a nibble -> float by a permute of this table (vpermps reads only the low 4 bits of each index lane), one
+  // instruction where masking and converting took two: the float path is bound by instructions, not bandwidth
+  const __m512 lut = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
   __m512 acc[MB];
   const __m512 b0 = a.bias ? _mm512_maskz_loadu_ps(mask, a.bias + t * TILE) : _mm512_setzero_ps();
   for (int i = 0; i < MB; ++i) acc[i] = b0;
@@ -418,13 +421,12 @@ TGT void ftile_avx512(const FArgs& a, int64_t t, int64_t m0) {
       const int64_t k = c * CK;
 #pragma GCC unroll 4
       for (int j = 0; j < 4; ++j) {
-        const __m512i lane = INT4 ? _mm512_and_si512(_mm512_srli_epi32(v, 8 * j), bytemask)
-                             : ASYM ? _mm512_and_si512(_mm512_srli_epi32(v, 8 * j), bytes)
-                                    : _mm512_srai_epi32(_mm512_slli_epi32(v, 24 - 8 * j), 24);
-        const __m512 wl = _mm512_cvtepi32_ps(lane);
+        const __m512 wl = INT4 ? _mm512_permutexvar_ps(_mm512_srli_epi32(v, 8 * j), lut)
+                          : _mm512_cvtepi32_ps(ASYM ? _mm512_and_si512(_mm512_srli_epi32(v, 8 * j), bytes)
+                                                    : _mm512_srai_epi32(_mm512_slli_epi32(v, 24 - 8 * j), 24));
         for (int i = 0; i < MB; ++i) s0[i] = _mm512_fmadd_ps(wl, _mm512_set1_ps(a.x[(m0 + i) * K + k + j]), s0[i]);
         if (INT4) {
-          const __m512 wh = _mm512_cvtepi32_ps(_mm512_and_si512(_mm512_srli_epi32(v, 8 * j + 4), bytemask));
+          const __m512 wh = _mm512_permutexvar_ps(_mm512_srli_epi32(v, 8 * j + 4), lut);
           for (int i = 0; i < MB; ++i)
             s1[i] = _mm512_fmadd_ps(wh, _mm512_set1_ps(a.x[(m0 + i) * K + k + 4 + j]), s1[i]);
         }
