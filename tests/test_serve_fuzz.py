@@ -49,8 +49,9 @@ def test_fuzzed_requests_never_get_a_5xx(fuzz_server, path):
         if r.status_code == 400 and len(errors) < 40:
             errors.append(r.json()["error"]["message"][:160])
         assert r.status_code < 500, (r.status_code, r.text[:500], body)
-        # the engine's own failures (a crashed prompt or step) reach the client as a 400 "generation failed: ...",
-        # which the 5xx check above cannot see; no OpenAI field can make a request fail that way on purpose
+        # the engine's own failures (a crashed prompt or step) are 500s (tests/test_serve_failures.py), which the
+        # check above catches; a 400 "generation failed" is a request the step refused, which no OpenAI field can
+        # ask for on purpose
         if r.status_code == 400:
             assert not r.json()["error"]["message"].startswith("generation failed"), (r.text[:500], body)
         if r.status_code >= 400:

@@ -298,7 +298,7 @@ class Engine:
         except Exception as e:     # a bug: end everything in flight rather than hang its callers
             log.exception("prosa engine step failed")
             for h in sched.in_flight():
-                sched.end(h, "error", f"internal error: {e}")
+                sched.end(h, "error", f"internal error: {e}", internal=True)
             sched.reset()
         self._settle()
         return True

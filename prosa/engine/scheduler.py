@@ -122,7 +122,7 @@ class Scheduler:
                 logits = self.runner.prefill(seq, count, every)
             except Exception as e:
                 log.exception("prosa engine: prompt failed")
-                self.end(seq.handle, "error", f"the prompt could not be run: {e}")
+                self.end(seq.handle, "error", f"the prompt could not be run: {e}", internal=True)
                 continue
             if every:
                 logits = self._score_prompt(seq, logits)
@@ -203,7 +203,7 @@ class Scheduler:
         except Exception as e:
             log.exception("prosa engine: decode step failed")
             for h in {s.handle for s in self.running}:
-                self.end(h, "error", f"the decode step failed: {e}")
+                self.end(h, "error", f"the decode step failed: {e}", internal=True)
             return
         self._last = (list(self.running), out)
         for i, s in enumerate(self.running):
@@ -291,8 +291,9 @@ class Scheduler:
         self.metrics.finished(ev.finish_reason)
         h.queue.put(ev)
 
-    def end(self, h: Handle, reason: str, error: str | None = None) -> None:
-        """End every unfinished sample of ``h`` (cancelled, or failed with ``error``)."""
+    def end(self, h: Handle, reason: str, error: str | None = None, internal: bool = False) -> None:
+        """End every unfinished sample of ``h`` (cancelled, or failed with ``error``; ``internal``: the engine's own
+        failure, see ``Event.internal``)."""
         if h.done:
             return
         if h.position is not None and h in self.waiting:
@@ -303,4 +304,4 @@ class Scheduler:
         for j in range(h.request.n):
             s = started.get(j)
             if s is None or not s.done:
-                self._finish(h, Event(j, h.tag, j, -1, "", finish_reason=reason, error=error), s)
+                self._finish(h, Event(j, h.tag, j, -1, "", finish_reason=reason, error=error, internal=internal), s)

@@ -80,6 +80,8 @@ class Event:
         stop_reason: the stop string or eos id that ended it; with finish_reason "length", ``CONTEXT`` ("context")
             when the context window ended it before max_new_tokens (None: max_new_tokens did).
         error: what went wrong, with finish_reason "error".
+        internal: with an error, whether it was the engine's own failure (the model could not run the prompt or
+            the step: a server error, not the request's fault).
         prompt_logprobs: on a sample's first event when the request asked: (logprob, top alternatives) of each
             prompt token after the first.
     """
@@ -94,6 +96,7 @@ class Event:
     finish_reason: str | None = None
     stop_reason: str | int | None = None
     error: str | None = None
+    internal: bool = False
     prompt_logprobs: list[tuple[float, list[tuple[int, float]]]] | None = None
 
 

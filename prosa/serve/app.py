@@ -3,7 +3,7 @@
 Routes: ``GET /v1/models``, ``GET /v1/models/{id}``, ``POST /v1/completions``, ``POST /v1/chat/completions``,
 ``POST /tokenize``, ``POST /detokenize``, ``GET /health`` (503 while the model loads), ``GET /metrics``
 (Prometheus), ``GET /`` (the chat page). Every error is OpenAI's ``{"error": {...}}`` with a 4xx status (FastAPI's
-422 becomes 400); a failure after a stream started is sent as an SSE ``data: {"error": ...}`` event. Requests run
+422 becomes 400), but for the engine's own failures (the model could not run: 500 ``server_error``); a failure after a stream started is sent as an SSE ``data: {"error": ...}`` event. Requests run
 as engine requests; the HTTP side only waits on their events (``asyncio`` queue fed by the engine thread), and a
 client that goes away cancels its request.
 """
@@ -210,12 +210,20 @@ async def _respond(state: ServerState, lm, plan: Plan, stream: bool, options, re
             choices.add(ev)
         failed = next((c for c in choices.choices if c.finish_reason == "error"), None)
         if failed is not None:
-            raise ServeError(400, f"generation failed: {failed.error}")
+            raise _generation_failed(failed.error, failed.internal)
         return JSONResponse(choices.chat(state.model_id, rid, created) if chat
                             else choices.completion(state.model_id, rid, created))
     usage = bool(options and options.include_usage)
     gen = _chat_chunks if chat else _completion_chunks
     return EventSourceResponse(_sse(gen(state, lm, plan, choices, rid, created, usage)), sep="\n", ping=15)
+
+
+def _generation_failed(error: str | None, internal: bool) -> ServeError:
+    """A request the engine ended with an error: a 500 ``server_error`` when the model could not run (the engine's
+    own failure), else a 400 (a setting of the request that failed once running, e.g. a constraint dead end)."""
+    if internal:
+        return ServeError(500, f"generation failed: {error}", kind="server_error")
+    return ServeError(400, f"generation failed: {error}")
 
 
 async def _sse(chunks: AsyncIterator[dict]) -> AsyncIterator[dict]:
@@ -252,7 +260,7 @@ async def _chat_chunks(state, lm, plan, choices: Choices, rid, created, usage) -
         i = choices.index(ev)
         choices.add(ev)
         if ev.finish_reason == "error":
-            raise ServeError(400, f"generation failed: {ev.error}")
+            raise _generation_failed(ev.error, ev.internal)
         logprobs = None
         if plan.logprobs is not None and ev.token >= 0:
             logprobs = choices.chat_logprobs([ev.token], [(ev.logprob, ev.top_logprobs or [])])
@@ -272,7 +280,7 @@ async def _completion_chunks(state, lm, plan, choices: Choices, rid, created, us
         i = choices.index(ev)
         c = choices.add(ev)
         if ev.finish_reason == "error":
-            raise ServeError(400, f"generation failed: {ev.error}")
+            raise _generation_failed(ev.error, ev.internal)
         text, logprobs = ev.text, None
         if plan.logprobs is not None:
             logprobs = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}

@@ -27,6 +27,7 @@ class _Choice:
     prompt_logprobs: list | None = None
     finish_reason: str | None = None
     error: str | None = None
+    internal: bool = False          # the error was the engine's (a 500), not the request's (a 400)
 
 
 class Choices:
@@ -56,7 +57,7 @@ class Choices:
                 c.logprobs.append((ev.logprob, ev.top_logprobs or []))
         c.text.append(ev.text)
         if ev.finish_reason:
-            c.finish_reason, c.error = ev.finish_reason, ev.error
+            c.finish_reason, c.error, c.internal = ev.finish_reason, ev.error, ev.internal
         return c
 
     # -- usage ---------------------------------------------------------------------------------------------------
