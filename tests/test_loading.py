@@ -84,6 +84,18 @@ def test_weights_that_do_not_match_config(tmp_path, gpt2_dir):
         prosa.load(d)
 
 
+@pytest.mark.parametrize("quantize", ["none", "int8"])
+def test_weights_shaped_unlike_the_config(tmp_path, gpt2_dir, quantize):
+    """A config whose sizes are not the weights' (here the MLP's width): one clear error naming the tensor, in
+    float (assigned as they are) and in int8 (quantized first) alike."""
+    d = copy_ckpt(gpt2_dir, tmp_path / "m")
+    cfg = json.loads((d / "config.json").read_text())
+    cfg["n_inner"] = 2 * cfg["n_embd"]
+    (d / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(CorruptModelError, match=r"mlp.*config.json makes it"):
+        prosa.load(d, dtype="float32", quantize=quantize)
+
+
 def test_unsupported_model_type_without_transformers(tmp_path, gpt2_dir):
     d = copy_ckpt(gpt2_dir, tmp_path / "m")
     cfg = json.loads((d / "config.json").read_text())

@@ -186,7 +186,7 @@ def _load_weights(model: nn.Module, ck: Any, dtype: torch.dtype, device: torch.d
             try:
                 mod = model.get_submodule(path) if path else model
             except AttributeError:
-                continue            # reported as unexpected by load_state_dict below
+                continue            # reported as unexpected by _assign below
             if isinstance(mod, QuantizedLinear):
                 t = state.pop(key)
                 if leaf == "bias":  # a repacked GGUF layer's bias (its weight came as integers)
@@ -202,8 +202,7 @@ def _load_weights(model: nn.Module, ck: Any, dtype: torch.dtype, device: torch.d
                 _swap(model, path, layer.to(device))
                 report.formats[fmt] += 1
         if state:
-            result = model.load_state_dict(state, strict=False, assign=True)
-            unexpected.extend(result.unexpected_keys)
+            unexpected.extend(_assign(model, state, ck.path))
 
     for name, tensor in ck.tensors(dtype, frozenset(skip)):
         # Integer/bool buffers (old GPT-2 attention masks) keep their dtype; sanitize drops them.
@@ -235,6 +234,39 @@ def _load_weights(model: nn.Module, ck: Any, dtype: torch.dtype, device: torch.d
         report.formats[str(dtype).replace("torch.", "")] += n_float
     report.weight_bytes = sum(t.numel() * t.element_size() for t in model.state_dict().values())
     return report
+
+
+def _assign(model: nn.Module, state: dict[str, torch.Tensor], path: Any) -> list[str]:
+    """``model.load_state_dict(state, strict=False, assign=True)`` for one group's tensors, without walking every
+    module of the model per group (31 groups x 276 modules took 0.1 s of the bundled model's 0.5 s load).
+
+    Returns:
+        the keys the model has no parameter or (persistent) buffer for.
+    Raises:
+        CorruptModelError: a tensor whose shape is not the one the config gives its parameter.
+    """
+    unexpected = []
+    for key, t in state.items():
+        prefix, _, leaf = key.rpartition(".")
+        try:
+            mod = model.get_submodule(prefix) if prefix else model
+        except AttributeError:
+            unexpected.append(key)
+            continue
+        old = mod._parameters.get(leaf)
+        if old is None and leaf not in mod._non_persistent_buffers_set:
+            old = mod._buffers.get(leaf)
+        if old is None:
+            unexpected.append(key)
+            continue
+        if old.shape != t.shape:
+            raise CorruptModelError(f"{path}: {key} is {tuple(t.shape)} in the checkpoint but its config.json makes "
+                                    f"it {tuple(old.shape)}; the config belongs to another model")
+        if leaf in mod._parameters:
+            mod._parameters[leaf] = nn.Parameter(t, requires_grad=old.requires_grad)
+        else:
+            mod._buffers[leaf] = t
+    return unexpected
 
 
 def _group(name: str) -> int | None:
