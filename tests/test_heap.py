@@ -37,11 +37,19 @@ print(json.dumps(out))
 
 def test_keep_freed_reuses_the_pages_of_a_large_freed_tensor_and_restores_glibc_defaults():
     """In a fresh process: what glibc does with a 64 MB block depends on the heap's history (a big free top
-    chunk left by earlier work serves it without an mmap), so the defaults are only predictable in a new heap."""
+    chunk left by earlier work serves it without an mmap), so the defaults are only predictable in a new heap.
+    Up to three processes: where the address-space layout (ASLR) leaves no room to grow the brk heap, glibc maps
+    the block anyway and nothing is kept (seen once in CI: 16384 faults inside ``keep_freed``); the feature is a
+    best effort, but it must work in an ordinary process."""
     pages = 64 * 2**20 // resource.getpagesize()
-    run = subprocess.run([sys.executable, "-c", CHILD], capture_output=True, text=True, timeout=120)
-    assert run.returncode == 0, run.stderr[-2000:]
-    m = json.loads(run.stdout.strip().splitlines()[-1])
-    assert m["default"] > pages // 2, m                # glibc's default: a fresh mmap each time
-    assert m["applied"] and m["kept"] < pages // 20, m
-    assert m["after"] > pages // 2, m                  # defaults again (and the kept memory trimmed)
+    seen = []
+    for _ in range(3):
+        run = subprocess.run([sys.executable, "-c", CHILD], capture_output=True, text=True, timeout=120)
+        assert run.returncode == 0, run.stderr[-2000:]
+        m = json.loads(run.stdout.strip().splitlines()[-1])
+        seen.append(m)
+        assert m["applied"] and m["default"] > pages // 2, m       # glibc's default: a fresh mmap each time
+        if m["kept"] < pages // 20:                                # inside: the second block reuses the pages
+            assert m["after"] > pages // 2, m                      # defaults again (and the kept memory trimmed)
+            return
+    raise AssertionError(f"keep_freed never kept the freed pages: {seen}")
