@@ -1,4 +1,5 @@
-"""The C heap under PyTorch's CPU tensors (glibc malloc): giving freed memory back, or keeping it for reuse.
+"""The C heap under PyTorch's CPU tensors (glibc malloc): giving freed memory back, or keeping it for reuse; and
+Python's own collector, paused while a load makes its many small objects.
 
 PyTorch's CPU allocator is plain ``malloc``/``free``. glibc keeps small freed blocks in the process (RSS stays up
 after a load's temporaries are gone: ``trim()`` gives them back) and serves large blocks with a fresh ``mmap``
@@ -10,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import functools
+import gc
 import platform
 from typing import Iterator
 
@@ -62,3 +64,22 @@ def keep_freed() -> Iterator[bool]:
             libc.mallopt(_M_MMAP_MAX, _DEFAULT_MMAP_MAX)
             libc.mallopt(_M_TRIM_THRESHOLD, _DEFAULT_TRIM)
             libc.malloc_trim(0)
+
+
+@contextlib.contextmanager
+def gc_paused() -> Iterator[None]:
+    """Python's cyclic garbage collector off inside (as a ``with`` block or a decorator).
+
+    A load makes ~10^5 small objects that hold no cycles (a vocabulary's strings, its merge pairs, the header's
+    fields), and every ~700 new ones start a collection that walks the older objects, torch's and the model's among
+    them: 0.1-0.15 s of the bundled model's ~0.5 s load (building its 49k merge pairs: 0.09-0.16 s with the
+    collector, 0.011 s without). Cycles made meanwhile are collected after. The collector is switched back on only
+    if it was on when this block began (a caller's own ``gc.disable()`` stands).
+    """
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()

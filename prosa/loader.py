@@ -19,6 +19,7 @@ from torch.overrides import TorchFunctionMode
 
 from . import models
 from .errors import CorruptModelError, ModelNotFoundError, ProsaError, UnsupportedModelError
+from .heap import gc_paused
 from .language_model import LanguageModel
 
 from .weights import hub
@@ -167,6 +168,7 @@ class Checkpoint:
         return self._tokenizer
 
 
+@gc_paused()
 def open_checkpoint(name_or_path: str | os.PathLike | None = None, revision: str | None = None) -> Checkpoint:
     """Resolve a model source to its config and weight location without reading the weights.
 
@@ -247,6 +249,7 @@ class _NoInit(TorchFunctionMode):
         return func(*args, **(kwargs or {}))
 
 
+@gc_paused()
 def load(name_or_path: str | os.PathLike | Checkpoint | None = None, *, dtype: str | torch.dtype = "auto",
          quantize: str = "auto", revision: str | None = None, device: str | torch.device | None = None,
          threads: int | None = None, adapter: str | os.PathLike | None = None) -> LanguageModel:

@@ -524,6 +524,14 @@ def test_unsupported_files(tmp_path, bpe_vocab):
         load_gguf(path)
 
 
+def test_malformed_tokenizer_metadata(tmp_path, bpe_vocab):
+    tokenizer = bpe_metadata(bpe_vocab, "smollm")
+    path, _ = llama_file(tmp_path / "merges.gguf", {**tokenizer, "tokenizer.ggml.merges": ["nospace"]},
+                         len(bpe_vocab[0]))
+    with pytest.raises(CorruptModelError, match="cannot be built into a tokenizer"):
+        load_gguf(path)
+
+
 def test_is_gguf_and_find_gguf(tmp_path, bpe_vocab):
     assert find_gguf(tmp_path) is None and not is_gguf(tmp_path) and not is_gguf(tmp_path / "nope.gguf")
     path, _ = llama_file(tmp_path / "a.gguf", bpe_metadata(bpe_vocab, "smollm"), len(bpe_vocab[0]))

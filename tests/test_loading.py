@@ -242,3 +242,34 @@ def test_loading_peaks_near_the_weights(tmp_path_factory, dtype):
     base, peak, weights = map(float, out.stdout.split())
     largest = 768 * 3072 * 4 / 2**20          # the biggest float32 tensor read at once (an MLP matrix)
     assert peak - base <= 1.15 * weights + 4 * largest + 40, (base, peak, weights)
+
+
+def test_loads_pause_the_garbage_collector_and_restore_it(gpt2_dir):
+    """A load makes ~10^5 small objects (vocabularies, merges): Python's collector is off meanwhile, then as before."""
+    import gc
+
+    from prosa.heap import gc_paused
+
+    seen = []
+    real_build = prosa.loader.build_model
+
+    def build(config):
+        seen.append(gc.isenabled())
+        return real_build(config)
+
+    assert gc.isenabled()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(prosa.loader, "build_model", build)
+        prosa.load(gpt2_dir)
+    assert seen == [False] and gc.isenabled()
+    with pytest.raises(ValueError):
+        with gc_paused():
+            raise ValueError("an error inside")
+    assert gc.isenabled()
+    gc.disable()
+    try:
+        with gc_paused():
+            pass
+        assert not gc.isenabled()           # a caller's own gc.disable() stands
+    finally:
+        gc.enable()

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from prosa.errors import UnsupportedModelError
+from prosa.errors import ProsaError, UnsupportedModelError
 
 from .gguf_format import _corrupt
 
@@ -104,7 +104,13 @@ def _tokenizer(path: Path, md: dict[str, Any], eos_ids: list[int]) -> Tokenizer:
         index = md.get(f"tokenizer.ggml.{key}_token_id")
         return tokens[index] if index is not None and 0 <= index < len(tokens) else None
 
-    return Tokenizer(_backend(path, md), bos_token=token("bos"), eos_token=token("eos"), unk_token=token("unknown"),
+    try:
+        backend = _backend(path, md)
+    except ProsaError:
+        raise
+    except Exception as err:  # tokenizers raises plain Exception for, e.g., a merge that is not "left right"
+        raise _corrupt(path, f"its tokenizer metadata cannot be built into a tokenizer ({err!r})") from None
+    return Tokenizer(backend, bos_token=token("bos"), eos_token=token("eos"), unk_token=token("unknown"),
                      pad_token=token("padding"),
                      # llama.cpp adds BOS for SentencePiece vocabularies unless the file says otherwise
                      add_bos_token=md.get("tokenizer.ggml.add_bos_token", md.get("tokenizer.ggml.model") == "llama"),
