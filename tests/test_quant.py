@@ -338,8 +338,42 @@ def test_gguf_blocks_repacked_in_cpp_equal_the_python_path(kind):
     m = None if kind == "Q8_0" else torch.cat([i[2] for i in ints])
     slow = QuantizedLinear.from_int(q, d, m, None, "prosa", bits=8 if kind == "Q8_0" else 4)
     assert fast is not None and fast.backend == "prosa" and set(fast._buffers) == set(slow._buffers)
+    assert ("mins" in fast._buffers) == (kind == "Q4_1")      # Q4_0 is symmetric: its mins are -8 d, not stored
     for name, t in slow._buffers.items():
         assert t is None or torch.equal(fast._buffers[name], t), name
     assert QuantizedLinear.from_gguf_rows("Q4_K", parts, 72, 96) is None       # not this path: the caller's fallback
     with pytest.raises(RuntimeError, match="not a contiguous uint8"):
         QuantizedLinear.from_gguf_rows(kind, [(parts[0][0][:, :-1], None)], 40, 96)
+
+
+@needs_ext
+def test_symmetric_int4_reads_no_mins_and_computes_the_same():
+    """int4 whose mins are all -8 d (GGUF Q4_0) keeps no mins: every kernel (float and int8 activations, AVX-512
+    and scalar) derives them, bit for bit the result of the same layer with them stored."""
+    from prosa.quant.layout import _pack_scales
+
+    torch.manual_seed(0)
+    n, k = 40, 96
+    q = torch.randint(0, 16, (n, k), dtype=torch.uint8)
+    d = (torch.rand(n, k // 32) * 0.01 + 0.001).half()
+    sym = QuantizedLinear.from_int(q, d, d * -8, torch.randn(n), "prosa")
+    assert "mins" not in sym._buffers
+    q1, d1, m1 = sym.to_int()
+    assert torch.equal(q1, q) and torch.equal(d1, d) and torch.equal(m1, d * -8)
+    packed = {name: t for name, t in sym.named_buffers() if name != "bias"}
+    stored = QuantizedLinear(k, n, 4, 32, "prosa", {**packed, "mins": _pack_scales(d * -8)}, sym.bias)
+    with torch.inference_mode():
+        for m in (1, 5):
+            x = torch.randn(m, k)
+            for scalar in (False, True):
+                EXT.force_scalar(scalar)
+                try:
+                    for act in ("float", "int8"):
+                        sym.activations = stored.activations = act
+                        assert torch.equal(sym(x), stored(x)), (m, scalar, act)
+                finally:
+                    EXT.force_scalar(False)
+            sym.activations = "float"
+            torch.testing.assert_close(sym(x), sym.forward_reference(x), rtol=1e-5, atol=1e-5)
+    # a Q4_1 layer whose mins happen not to be -8 d keeps them
+    assert "mins" in QuantizedLinear.from_int(q, d, d * -7, None, "prosa")._buffers

@@ -37,8 +37,8 @@ inline uint16_t half_bits(const uint8_t* p) {
 //   kind: the GGML type id of every part (8 Q8_0, 2 Q4_0, 3 Q4_1).
 //   k: columns (K, a multiple of 32).
 // Returns:
-//   [qweight, scales] for Q8_0, [qweight, scales, mins] for Q4_0 / Q4_1 (Q4_0's implicit zero as m = -8 d, rounded
-//   to fp16 as torch's d * -8 is); rows past N in the last tile are zero (int8: stored 0 + 128).
+//   [qweight, scales] for Q8_0 and Q4_0 (symmetric: the kernels take its mins as -8 d), [qweight, scales, mins] for
+//   Q4_1; rows past N in the last tile are zero (int8: stored 0 + 128).
 std::vector<torch::Tensor> gguf_repack(const std::vector<torch::Tensor>& parts, const std::vector<torch::Tensor>& orders,
                                        int64_t kind, int64_t k) {
   TORCH_CHECK(kind == Q8_0 || kind == Q4_0 || kind == Q4_1, "gguf_repack: GGML type ", kind,
@@ -73,16 +73,17 @@ std::vector<torch::Tensor> gguf_repack(const std::vector<torch::Tensor>& parts, 
   auto f16 = torch::TensorOptions().dtype(torch::kHalf);
   torch::Tensor qw = int8 ? torch::empty({t_count, k / 4, TILE, 4}, u8) : torch::empty({t_count, k / 8, TILE, 4}, u8);
   torch::Tensor sc = torch::empty({t_count, nb, TILE}, f16);
-  torch::Tensor mn = int8 ? torch::Tensor() : torch::empty({t_count, nb, TILE}, f16);
+  // Q4_0 is symmetric (W = d (q - 8)): the kernels derive its mins from the scales, none are stored
+  torch::Tensor mn = kind == Q4_1 ? torch::empty({t_count, nb, TILE}, f16) : torch::Tensor();
   uint8_t* q = qw.data_ptr<uint8_t>();
   uint16_t* s = reinterpret_cast<uint16_t*>(sc.data_ptr<at::Half>());
-  uint16_t* m = int8 ? nullptr : reinterpret_cast<uint16_t*>(mn.data_ptr<at::Half>());
+  uint16_t* m = kind == Q4_1 ? reinterpret_cast<uint16_t*>(mn.data_ptr<at::Half>()) : nullptr;
   const int64_t cols4 = int8 ? k / 4 : k / 8;  // 4-byte columns of a tile row
 
   for (int64_t t = 0; t < t_count; ++t) {
     uint8_t* qt = q + t * cols4 * TILE * 4;  // this tile: (cols4, 16, 4)
     uint16_t* st = s + t * nb * TILE;        // (nb, 16)
-    uint16_t* mt = int8 ? nullptr : m + t * nb * TILE;
+    uint16_t* mt = m ? m + t * nb * TILE : nullptr;
     for (int64_t r = 0; r < TILE; ++r) {
       const int64_t row = t * TILE + r;
       if (row >= n) {  // padding rows of the last tile
@@ -108,11 +109,7 @@ std::vector<torch::Tensor> gguf_repack(const std::vector<torch::Tensor>& parts, 
         }
         const uint8_t* qs = src + (kind == Q4_0 ? 2 : 4);  // 16 bytes: element e < 16 low nibble of qs[e],
                                                             // element e >= 16 high nibble of qs[e - 16]
-        if (kind == Q4_0) {
-          mt[b * TILE + r] = c10::Half(static_cast<float>(c10::Half(half_bits(src), c10::Half::from_bits())) * -8.0f).x;
-        } else {
-          mt[b * TILE + r] = half_bits(src + 2);
-        }
+        if (mt) mt[b * TILE + r] = half_bits(src + 2);  // Q4_1's min
         uint8_t e[QK];
         for (int64_t i = 0; i < 16; ++i) {
           e[i] = qs[i] & 0x0F;
@@ -126,6 +123,6 @@ std::vector<torch::Tensor> gguf_repack(const std::vector<torch::Tensor>& parts, 
       }
     }
   }
-  if (int8) return {qw, sc};
+  if (!mn.defined()) return {qw, sc};
   return {qw, sc, mn};
 }

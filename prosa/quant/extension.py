@@ -124,7 +124,7 @@ def _register_ops(ext) -> None:
         return
 
     @torch.library.custom_op("prosa::linear_int4", mutates_args=())
-    def linear_int4(x: torch.Tensor, w: torch.Tensor, d: torch.Tensor, mn: torch.Tensor, bias: torch.Tensor | None,
+    def linear_int4(x: torch.Tensor, w: torch.Tensor, d: torch.Tensor, mn: torch.Tensor | None, bias: torch.Tensor | None,
                     n: int, g: int) -> torch.Tensor:
         return ext.linear_int4(x, w, d, mn, bias, n, g)
 

@@ -32,7 +32,7 @@ from . import extension
 from .extension import kernels
 from .formats import _check_groups, dequantize_int, quantize_int4, quantize_int8, quantize_uint8
 from .layout import (_aten_int4_ok, _aten_int4_unpack, _pack_int4, _pack_int8, _pack_prosa_chunks, _pack_scales,
-                     _unpack_int4, _unpack_int8, _unpack_scales)
+                     _unpack_int4, _unpack_int8, _unpack_scales, symmetric_int4)
 
 ACTIVATIONS = ("float", "int8")
 
@@ -96,6 +96,8 @@ class QuantizedLinear(nn.Module):
             if k % 32 or group % 32:
                 raise ValueError(f"the prosa kernels need in_features and group_size multiples of 32 (got {k}, {group})")
             tensors = {"qweight": _pack_int8(q) if bits == 8 else _pack_int4(q), "scales": _pack_scales(d)}
+            if bits == 4 and symmetric_int4(d, m):
+                m = None    # W = d (q - 8) (GGUF Q4_0): the kernels derive the mins, 10% fewer bytes to read
             if m is not None:
                 tensors["mins"] = _pack_scales(m)
         elif backend == "aten":
@@ -204,9 +206,9 @@ class QuantizedLinear(nn.Module):
         if self.backend == "prosa":
             asym = "mins" in self._buffers
             q = _unpack_int8(self.qweight, n, asym) if self.bits == 8 else _unpack_int4(self.qweight, n)
-            d = _unpack_scales(self.scales, n)
-            m = _unpack_scales(self.mins, n) if asym else None
-            return q.contiguous(), d.contiguous(), None if m is None else m.contiguous()
+            d = _unpack_scales(self.scales, n).contiguous()
+            m = _unpack_scales(self.mins, n).contiguous() if asym else (d * -8 if self.bits == 4 else None)
+            return q.contiguous(), d, m
         if self.backend == "torch":
             return self.qweight, self.scales, getattr(self, "mins", None)
         if self.bits == 8:  # aten per-channel
@@ -249,17 +251,17 @@ class QuantizedLinear(nn.Module):
                 return fn(x, b["qweight"], b["scales"], b["mins"], b["bias"], self.out_features, self.group_size)
             if self.activations == "float":
                 if self.bits == 4:
-                    return ext.linear_int4_f32(x, b["qweight"], b["scales"], b["mins"], b["bias"], self.out_features,
+                    return ext.linear_int4_f32(x, b["qweight"], b["scales"], b.get("mins"), b["bias"], self.out_features,
                                                self.group_size)
                 return ext.linear_int8_f32(x, b["qweight"], b["scales"], b["bias"], self.out_features, self.group_size)
             if torch.compiler.is_compiling():
                 if self.bits == 4:
-                    return torch.ops.prosa.linear_int4(x, b["qweight"], b["scales"], b["mins"], b["bias"],
+                    return torch.ops.prosa.linear_int4(x, b["qweight"], b["scales"], b.get("mins"), b["bias"],
                                                        self.out_features, self.group_size)
                 return torch.ops.prosa.linear_int8(x, b["qweight"], b["scales"], b["bias"], self.out_features,
                                                    self.group_size)
             if self.bits == 4:
-                return ext.linear_int4(x, b["qweight"], b["scales"], b["mins"], b["bias"], self.out_features,
+                return ext.linear_int4(x, b["qweight"], b["scales"], b.get("mins"), b["bias"], self.out_features,
                                        self.group_size)
             return ext.linear_int8(x, b["qweight"], b["scales"], b["bias"], self.out_features, self.group_size)
         if self.backend == "aten":
