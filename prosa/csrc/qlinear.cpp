@@ -1083,7 +1083,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::call_guard<py::gil_scoped_release>());
   m.def("gguf_repack", &gguf_repack, "GGUF Q8_0/Q4_0/Q4_1 blocks (row parts, optional row orders) -> the prosa "
         "layout: [qweight, scales(, mins)]", py::arg("parts"), py::arg("orders"), py::arg("kind"), py::arg("k"),
-        // the GGUF tokenizer builds on another thread meanwhile (prosa/weights/gguf.py)
+        // other Python threads (a server's engine, a UI) run while a model loads
         py::call_guard<py::gil_scoped_release>());
   m.def("isa", &isa, "the code path in use: avx512_vnni or scalar");
   m.def("force_scalar", &force_scalar, "use the portable path even where AVX-512 VNNI is available (tests)");
