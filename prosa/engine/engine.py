@@ -199,6 +199,7 @@ class Engine:
     def _start(self) -> None:
         """Start the engine thread if it is not running (called with the lock held)."""
         if self._thread is None and self._background:
+            heap.bound_retention()     # a long prompt's temporaries must not stay in this thread's heap
             self._thread = threading.Thread(target=self._loop, name="prosa-engine", daemon=True)
             self._thread.start()
 
