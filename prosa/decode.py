@@ -40,13 +40,19 @@ def decode_step(model: nn.Module) -> Step:
     if os.environ.get("PROSA_FUSED") == "0":
         return model
     key = (tuple((id(m), getattr(m, "activations", None)) for m in model.modules()),
-           tuple(t.data_ptr() for t in model.state_dict().values()))
+           tuple(t.data_ptr() for t in (*model.parameters(), *model.buffers())))
     cached = getattr(model, "_prosa_fused", None)
     if cached is not None and cached[0] == key:
         return cached[1]
     step = _build_llama(model) or _build_gpt(model) or model
     object.__setattr__(model, "_prosa_fused", (key, step))   # plain attribute: not a submodule, not saved
     return step
+
+
+def _cpu_float32(embedding: nn.Module) -> bool:
+    """Whether an embedding (``nn.Embedding`` or a GGUF ``QuantizedEmbedding``) gives float32 rows on the CPU."""
+    held = embedding.weight if isinstance(embedding, nn.Embedding) else embedding.blocks
+    return held.device.type == "cpu" and getattr(embedding, "dtype", held.dtype) == torch.float32
 
 
 def _lin(ext, mod: nn.Module):
@@ -71,8 +77,8 @@ def _build_llama(model: nn.Module) -> Step | None:
         return None
     ext = quant.kernels()
     args = model.args
-    emb = model.model.embed_tokens.weight
-    if ext is None or not hasattr(ext, "LlamaBlock") or emb.device.type != "cpu" or emb.dtype != torch.float32:
+    emb = model.model.embed_tokens
+    if ext is None or not hasattr(ext, "LlamaBlock") or not _cpu_float32(emb):
         return None
     if args.hidden_act not in ("silu", "swish") or model.rope.interleaved:
         return None

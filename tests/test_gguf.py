@@ -251,8 +251,8 @@ def bpe_metadata(bpe_vocab, pre: str) -> dict:
 
 
 def llama_file(path: Path, tokenizer: dict, vocab: int, arch: str = "llama", tied: bool = False,
-               quantized: bool = False, extra: dict | None = None,
-               extra_tensors: dict | None = None) -> tuple[Path, dict[str, torch.Tensor]]:
+               quantized: bool = False, extra: dict | None = None, extra_tensors: dict | None = None,
+               embed_qtype=Q.Q8_0) -> tuple[Path, dict[str, torch.Tensor]]:
     """A 2-layer llama (or qwen2) GGUF; returns it and the HF-layout weights it was made from."""
     rng = np.random.default_rng(0)
     hf: dict[str, np.ndarray] = {}
@@ -263,7 +263,7 @@ def llama_file(path: Path, tokenizer: dict, vocab: int, arch: str = "llama", tie
         array = stored(hf[hf_name]) if stored else hf[hf_name]
         tensors[gguf_name] = (array, qtype) if quantized else array
 
-    add("token_embd.weight", "model.embed_tokens.weight", (vocab, HIDDEN), qtype=Q.Q8_0)
+    add("token_embd.weight", "model.embed_tokens.weight", (vocab, HIDDEN), qtype=embed_qtype)
     for i in range(LAYERS):
         blk, layer = f"blk.{i}", f"model.layers.{i}"
         q_heads = None if arch == "qwen2" else HEADS  # qwen2 files are not permuted

@@ -24,6 +24,7 @@ from torch import nn
 from .. import heap
 from ..errors import CorruptModelError
 from ..quant import QuantizedLinear
+from . import gguf_embedding as embedding
 from .gguf import one_thread
 
 _LAYER = re.compile(r"\.(?:h|layers)\.(\d+)\.")
@@ -114,8 +115,38 @@ def _gguf_exact(model: nn.Module, ck: Any, mode: str, dtype: torch.dtype, device
         layer = layer.to(device)
         _swap(model, name, layer)
         report.formats[f"int{bits} (GGUF {kind}, {'scales to fp16' if kind == 'Q4_K' else 'exact'})"] += 1
-        consumed.update(s for s in sources if s != embed)   # the embedding itself is still needed as float
+        consumed.update(s for s in sources if s != embed)   # the embedding: below
+    if embed is not None and _keep_embedding(model, ck, embed, types[embed], tied, outputs, dtype, device):
+        consumed.add(embed)
+        report.formats[f"embedding (GGUF {types[embed]}, kept in its blocks)"] += 1
     return consumed
+
+
+def _keep_embedding(model: nn.Module, ck: Any, embed: str, kind: str, tied: bool, outputs: set[str],
+                    dtype: torch.dtype, device: torch.device) -> bool:
+    """Swap the token embedding for a ``QuantizedEmbedding`` over a copy of the file's blocks where their type
+    allows it and no float layer is still to be made from it (a tied output layer not repacked above). Returns
+    whether it did (the checkpoint tensor is then consumed)."""
+    path = embed.removesuffix(".weight")
+    try:
+        mod = model.get_submodule(path)
+    except AttributeError:
+        return False
+    head = next(iter(outputs), None)
+    head_mod = model.get_submodule(head) if head else None
+    needed = head is not None and not isinstance(head_mod, QuantizedLinear) and \
+        (tied or head + ".weight" not in ck.gguf.tensor_types())
+    if type(mod) is not nn.Embedding or kind not in embedding.TYPES or needed:
+        return False
+    gg = ck.gguf
+    _, raw, _ = gg.raw_rows(embed)
+    if (raw.shape[0], mod.embedding_dim) != tuple(gg.stored_shapes()[embed]) or raw.shape[0] != mod.num_embeddings:
+        raise CorruptModelError(f"{ck.path}: {embed} is {tuple(gg.stored_shapes()[embed])} in the file but the "
+                                f"config makes it {(mod.num_embeddings, mod.embedding_dim)}")
+    layer = embedding.QuantizedEmbedding(raw.clone(), kind, mod.embedding_dim, dtype)
+    gg.release(embed)
+    _swap(model, path, layer.to(device))
+    return True
 
 
 def _joined(parts: list[Any], tile: int = 16) -> Any:
@@ -232,7 +263,9 @@ def _load_weights(model: nn.Module, ck: Any, dtype: torch.dtype, device: torch.d
     n_float = sum(isinstance(m, nn.Linear) for m in model.modules())
     if n_float:
         report.formats[str(dtype).replace("torch.", "")] += n_float
-    report.weight_bytes = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    # the tensors held (not state_dict's: a QuantizedEmbedding gives its table there in float)
+    held = {t.data_ptr(): t for t in (*model.parameters(), *model.buffers())}
+    report.weight_bytes = sum(t.numel() * t.element_size() for t in held.values())
     return report
 
 

@@ -32,7 +32,7 @@ def _halves(blocks: torch.Tensor, start: int) -> torch.Tensor:
 
 def _nibbles(qs: torch.Tensor) -> torch.Tensor:
     """16 packed bytes -> 32 4-bit values; ggml puts low nibbles at elements 0..15 and high ones at 16..31."""
-    q = torch.empty((qs.shape[0], 32), dtype=torch.uint8)
+    q = torch.empty((qs.shape[0], 32), dtype=torch.uint8, device=qs.device)
     torch.bitwise_and(qs, 0x0F, out=q[:, :16])
     torch.bitwise_right_shift(qs, 4, out=q[:, 16:])
     return q
@@ -40,7 +40,7 @@ def _nibbles(qs: torch.Tensor) -> torch.Tensor:
 
 def _nibbles5(qs: torch.Tensor, qh: torch.Tensor) -> torch.Tensor:
     """Q5 values: 4 low bits from ``qs``, the 5th from bit j of the little-endian uint32 ``qh`` (element j)."""
-    bits = (qh.unsqueeze(-1) >> torch.arange(8, dtype=torch.uint8)) & 1
+    bits = (qh.unsqueeze(-1) >> torch.arange(8, dtype=torch.uint8, device=qh.device)) & 1
     return _nibbles(qs).bitwise_or_((bits << 4).reshape(qh.shape[0], 32))
 
 
