@@ -58,3 +58,28 @@ def test_bundled_model_keeps_its_embedding_quantized(bundled_gguf):
     assert isinstance(emb, QuantizedEmbedding) and emb.ggml_type == "Q8_0"
     assert emb.blocks.numel() == 49152 * 576 // 32 * 34
     assert decode.decode_step(lm.model) is not lm.model
+
+
+@pytest.mark.parametrize("kind", ["Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1"])
+def test_kernel_rows_equal_torch_rows(monkeypatch, kind):
+    """The C++ lookup (``gguf_rows``) and the torch fallback both give exactly gguf-py's dequantized rows; an id
+    out of range is an IndexError, as with ``nn.Embedding``."""
+    from gguf import quants
+
+    from prosa.quant import extension
+
+    rng = torch.Generator().manual_seed(0)
+    table = torch.randn(50, 96, generator=rng)
+    blocks = torch.from_numpy(quants.quantize(table.numpy(), Q[kind])).view(torch.uint8).reshape(50, -1)
+    expected = torch.from_numpy(quants.dequantize(blocks.numpy(), Q[kind]))
+    emb = QuantizedEmbedding(blocks.clone(), kind, 96, torch.float32)
+    ids = torch.tensor([[3, 49, 0], [7, 7, 21]])
+    if extension.kernels() is not None:
+        assert torch.equal(emb(ids), expected[ids])
+        with pytest.raises(IndexError):
+            emb(torch.tensor([50]))
+    monkeypatch.setattr(extension, "_ext", None)
+    monkeypatch.setattr(extension, "kernels", lambda: None)
+    assert torch.equal(emb(ids), expected[ids])
+    with pytest.raises(IndexError):
+        emb(torch.tensor([50]))

@@ -1020,6 +1020,7 @@ std::string isa() { return (use_avx512() && !g_force_scalar) ? "avx512_vnni" : "
 void force_scalar(bool on) { g_force_scalar = on; }
 
 // repack.cpp
+torch::Tensor gguf_rows(const torch::Tensor& blocks, const torch::Tensor& ids, int64_t kind, int64_t k);
 std::vector<torch::Tensor> gguf_repack(const std::vector<torch::Tensor>& parts, const std::vector<torch::Tensor>& orders,
                                        int64_t kind, int64_t k);
 
@@ -1085,6 +1086,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "layout: [qweight, scales(, mins)]", py::arg("parts"), py::arg("orders"), py::arg("kind"), py::arg("k"),
         // other Python threads (a server's engine, a UI) run while a model loads
         py::call_guard<py::gil_scoped_release>());
+  m.def("gguf_rows", &gguf_rows, "rows of a GGUF Q8_0/Q4_0/Q4_1/Q5_0/Q5_1 table -> float32 (an embedding lookup)",
+        py::arg("blocks"), py::arg("ids"), py::arg("kind"), py::arg("k"));
   m.def("isa", &isa, "the code path in use: avx512_vnni or scalar");
   m.def("force_scalar", &force_scalar, "use the portable path even where AVX-512 VNNI is available (tests)");
 }

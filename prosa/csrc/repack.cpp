@@ -19,13 +19,15 @@ constexpr int64_t TILE = 16;  // output rows per tile
 constexpr int64_t QK = 32;    // weights per GGUF block (and per prosa group)
 
 // GGML type ids (gguf.GGMLQuantizationType)
-constexpr int64_t Q4_0 = 2, Q4_1 = 3, Q8_0 = 8;
+constexpr int64_t Q4_0 = 2, Q4_1 = 3, Q5_0 = 6, Q5_1 = 7, Q8_0 = 8;
 
 inline uint16_t half_bits(const uint8_t* p) {
   uint16_t h;
   std::memcpy(&h, p, 2);
   return h;
 }
+
+inline float half_at(const uint8_t* p) { return static_cast<float>(c10::Half(half_bits(p), c10::Half::from_bits())); }
 
 }  // namespace
 
@@ -125,4 +127,61 @@ std::vector<torch::Tensor> gguf_repack(const std::vector<torch::Tensor>& parts, 
   }
   if (!mn.defined()) return {qw, sc};
   return {qw, sc, mn};
+}
+
+// One row of GGUF blocks -> float32, as prosa.weights.gguf_dequant.dequantize computes it: every product of a
+// float16 scale and a code is exact in float32, so w = d q + m rounds once however it is evaluated.
+static void dequant_row(const uint8_t* src, float* out, int64_t kind, int64_t nb) {
+  const int64_t block = kind == Q8_0 ? 34 : kind == Q4_0 ? 18 : kind == Q4_1 ? 20 : kind == Q5_0 ? 22 : 24;
+  for (int64_t b = 0; b < nb; ++b, src += block, out += QK) {
+    const float d = half_at(src);
+    if (kind == Q8_0) {
+      const int8_t* q = reinterpret_cast<const int8_t*>(src + 2);
+      for (int64_t i = 0; i < QK; ++i) out[i] = d * static_cast<float>(q[i]);
+      continue;
+    }
+    // Q4_x / Q5_x: element i < 16 is the low nibble of qs[i], element i + 16 its high nibble; Q5's fifth bit of
+    // element i is bit i of the little-endian uint32 qh
+    const bool five = kind == Q5_0 || kind == Q5_1, with_min = kind == Q4_1 || kind == Q5_1;
+    const float m = with_min ? half_at(src + 2) : d * (five ? -16.0f : -8.0f);
+    uint32_t qh = 0;
+    if (five) std::memcpy(&qh, src + (with_min ? 4 : 2), 4);
+    const uint8_t* qs = src + 2 + (with_min ? 2 : 0) + (five ? 4 : 0);
+    for (int64_t i = 0; i < 16; ++i) {
+      const int lo = (qs[i] & 0x0F) | (five ? ((qh >> i) & 1) << 4 : 0);
+      const int hi = (qs[i] >> 4) | (five ? ((qh >> (i + 16)) & 1) << 4 : 0);
+      out[i] = m + d * static_cast<float>(lo);
+      out[i + 16] = m + d * static_cast<float>(hi);
+    }
+  }
+}
+
+// Rows of a GGUF table (a token embedding kept in its blocks) -> float32, the rows a lookup reads.
+// Args:
+//   blocks: uint8 (V, K / 32 * block bytes), contiguous; kind: 8 Q8_0, 2 Q4_0, 3 Q4_1, 6 Q5_0, 7 Q5_1.
+//   ids: int64 (n,) rows to read, each in [0, V).
+//   k: values per row (a multiple of 32).
+// Returns:
+//   float32 (n, k).
+torch::Tensor gguf_rows(const torch::Tensor& blocks, const torch::Tensor& ids, int64_t kind, int64_t k) {
+  TORCH_CHECK(kind == Q8_0 || kind == Q4_0 || kind == Q4_1 || kind == Q5_0 || kind == Q5_1, "gguf_rows: GGML type ",
+              kind, " is not Q8_0, Q4_0, Q4_1, Q5_0 or Q5_1");
+  TORCH_CHECK(k > 0 && k % QK == 0, "gguf_rows: K = ", k, " is not a multiple of 32");
+  const int64_t block = kind == Q8_0 ? 34 : kind == Q4_0 ? 18 : kind == Q4_1 ? 20 : kind == Q5_0 ? 22 : 24;
+  const int64_t nb = k / QK;
+  TORCH_CHECK(blocks.device().is_cpu() && blocks.scalar_type() == torch::kUInt8 && blocks.dim() == 2 &&
+                  blocks.is_contiguous() && blocks.size(1) == nb * block,
+              "gguf_rows: blocks are not a contiguous uint8 (rows, ", nb * block, ") CPU tensor");
+  TORCH_CHECK(ids.device().is_cpu() && ids.scalar_type() == torch::kInt64 && ids.dim() == 1,
+              "gguf_rows: ids are not an int64 (n,) CPU tensor");
+  const torch::Tensor idc = ids.contiguous();
+  const int64_t n = idc.size(0), rows = blocks.size(0);
+  const int64_t* id = idc.data_ptr<int64_t>();
+  for (int64_t i = 0; i < n; ++i)
+    TORCH_CHECK_INDEX(id[i] >= 0 && id[i] < rows, "index ", id[i], " is out of range for ", rows, " embeddings");
+  torch::Tensor out = torch::empty({n, k}, torch::TensorOptions().dtype(torch::kFloat32));
+  const uint8_t* base = blocks.data_ptr<uint8_t>();
+  float* o = out.data_ptr<float>();
+  for (int64_t i = 0; i < n; ++i) dequant_row(base + id[i] * nb * block, o + i * k, kind, nb);
+  return out;
 }
