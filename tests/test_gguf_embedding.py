@@ -83,3 +83,19 @@ def test_kernel_rows_equal_torch_rows(monkeypatch, kind):
     assert torch.equal(emb(ids), expected[ids])
     with pytest.raises(IndexError):
         emb(torch.tensor([50]))
+
+
+@pytest.mark.parametrize("kind,fmt,symmetric", [("Q5_0", "int4", True), ("Q4_1", "int8", False)])
+def test_output_layer_requantized_from_a_symmetric_type_is_symmetric(tmp_path, bpe_vocab, kind, fmt, symmetric):
+    """A tied output layer made from the float table is int8 with no minimum when the file's type has none (Q5_0,
+    Q6_K...: the faster kernel, no less exact), with a minimum otherwise (Q4_1); either is the table to int8
+    rounding."""
+    vocab = len(bpe_vocab[0])
+    path, _ = llama_file(tmp_path / "m.gguf", bpe_metadata(bpe_vocab, "qwen2"), vocab, tied=True, quantized=True,
+                         embed_qtype=Q[kind])
+    table = dict(load_gguf(path).tensors())["model.embed_tokens.weight"]
+    head = prosa.load(str(path), quantize=fmt).model.lm_head
+    assert head.bits == 8 and ("mins" not in head._buffers) is symmetric
+    step = table.abs().reshape(vocab, -1, 32).amax(-1, keepdim=True) / 127          # a symmetric int8 step
+    err = (head.dequantize() - table).abs().reshape(vocab, -1, 32)
+    assert (err <= step * 0.5 + 1e-3 * step.max()).all()
