@@ -24,13 +24,15 @@ def read_bytes(model: Any) -> int:
     the embedding tables (one row is read), unless a table is also another module's weight (tied output)."""
     import torch
 
+    from prosa.weights.gguf_embedding import QuantizedEmbedding
+
     embed, other = {}, {}
     for mod in model.modules():
         for t in [*mod._parameters.values(), *mod._buffers.values()]:
             if t is None or t.device.type == "meta":
                 continue
             s = t.untyped_storage()
-            (embed if isinstance(mod, torch.nn.Embedding) else other)[s.data_ptr()] = s.nbytes()
+            (embed if isinstance(mod, (torch.nn.Embedding, QuantizedEmbedding)) else other)[s.data_ptr()] = s.nbytes()
     return sum(other.values())
 
 

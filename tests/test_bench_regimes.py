@@ -159,3 +159,17 @@ def test_llama_gguf_writer_read_back_by_prosa(tmp_path: Path) -> None:
     assert torch.equal(head.dequantize().float(), want)
     out = lm.generate("A story", max_new_tokens=4, temperature=0, ignore_eos=True)
     assert len(out.tokens) == 4
+
+
+def test_read_bytes_leaves_out_embedding_tables_held_in_blocks() -> None:
+    """A token embedding read one row per step is not counted, float (``nn.Embedding``) or kept in GGUF blocks
+    (``QuantizedEmbedding``); the other layers' tensors are, each storage once."""
+    import torch
+    from torch import nn
+
+    import regimes_work as work
+    from prosa.weights.gguf_embedding import QuantizedEmbedding
+
+    model = nn.Sequential(QuantizedEmbedding(torch.zeros(10, 34, dtype=torch.uint8), "Q8_0", 32, torch.float32),
+                          nn.Embedding(5, 32), nn.Linear(32, 8, bias=False))
+    assert work.read_bytes(model) == 8 * 32 * 4
