@@ -99,3 +99,15 @@ def test_output_layer_requantized_from_a_symmetric_type_is_symmetric(tmp_path, b
     step = table.abs().reshape(vocab, -1, 32).amax(-1, keepdim=True) / 127          # a symmetric int8 step
     err = (head.dequantize() - table).abs().reshape(vocab, -1, 32)
     assert (err <= step * 0.5 + 1e-3 * step.max()).all()
+
+
+def test_lookups_follow_the_models_dtype():
+    """``model.to(dtype)`` converts what a lookup returns, as it would an ``nn.Embedding``'s table; the blocks
+    stay bytes."""
+    blocks = torch.zeros(4, 34, dtype=torch.uint8)
+    model = nn.Sequential(QuantizedEmbedding(blocks, "Q8_0", 32, torch.float32))
+    assert model(torch.tensor([1])).dtype == torch.float32
+    model.to(torch.bfloat16)
+    assert model(torch.tensor([1])).dtype == torch.bfloat16 and model[0].blocks.dtype == torch.uint8
+    model.float()
+    assert model(torch.tensor([1])).dtype == torch.float32

@@ -53,6 +53,12 @@ class QuantizedEmbedding(nn.Module):
         return dequantize(self.blocks.reshape(-1), Q[self.ggml_type],
                           (self.num_embeddings, self.embedding_dim)).to(self.dtype)
 
+    def _apply(self, fn, recurse=True):
+        # model.to(dtype) / .half() / .bfloat16() convert floating tensors: the lookups follow, as nn.Embedding's
+        # table would (the probe tells what fn does to a float tensor of the current dtype)
+        self.dtype = fn(torch.empty(0, dtype=self.dtype)).dtype
+        return super()._apply(fn, recurse)
+
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         # the state of an nn.Embedding (what exports and the checkpoint names expect), not the blocks
         destination[prefix + "weight"] = self.weight
