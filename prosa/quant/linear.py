@@ -15,7 +15,7 @@ formats, laid out for one backend (``QuantizedLinear.backend``):
 - ``"torch"``: plain layout; forward dequantizes and calls ``F.linear``. Runs anywhere (any device and dtype).
 
 ``backend="auto"`` picks, per layer, the fastest one measured on a 2-core Sapphire Rapids (see
-``bench/kernels.py``): prosa when its kernels load and the shape suits them, else aten where it applies, else
+``bench/kernel_speed.py``): prosa when its kernels load and the shape suits them, else aten where it applies, else
 torch. ``QuantizedLinear.forward_reference(x)`` is the pure-PyTorch path (dequantize, then ``F.linear``) for any
 backend.
 """

@@ -9,10 +9,10 @@ Weights are rotated over enough copies that one pass touches ``--ws-mb`` MB (def
 quantized layers occupy), so numbers reflect streaming from L3/DRAM rather than a weight sitting in L2. ``--ws-mb 0``
 uses one copy (cache-hot).
 
-    .venv/bin/python bench/kernels.py                        # everything (several minutes on 2 cores)
-    .venv/bin/python bench/kernels.py --m 1 --only 'int4|prosa'
-    .venv/bin/python bench/kernels.py --shapes 576x576,49152x576 --m 1,8 --repeat 9
-    .venv/bin/python bench/kernels.py --decode               # end to end: tok/s of the bundled model per format
+    .venv/bin/python bench/kernel_speed.py                        # everything (several minutes on 2 cores)
+    .venv/bin/python bench/kernel_speed.py --m 1 --only 'int4|prosa'
+    .venv/bin/python bench/kernel_speed.py --shapes 576x576,49152x576 --m 1,8 --repeat 9
+    .venv/bin/python bench/kernel_speed.py --decode               # end to end: tok/s of the bundled model per format
 
 Candidates: fp32 / bf16 ``F.linear``, ``aten._weight_int8pack_mm`` (per-channel int8), ``aten._weight_int4pack_mm_for_cpu``
 (group 32/64/128), torchao weight-only configs when ``import torchao`` works (it wraps the same aten kernels or a
