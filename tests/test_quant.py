@@ -260,6 +260,7 @@ def without_kernels(monkeypatch, tmp_path):
     monkeypatch.setattr(extension, "_ext", None)
     monkeypatch.setattr(extension, "_ext_error", None)
     monkeypatch.setattr(extension, "_said", False)
+    monkeypatch.setattr(extension, "_missing", False)
     monkeypatch.delattr(prosa, "_qlinear", raising=False)
     monkeypatch.setitem(sys.modules, "prosa._qlinear", None)   # `from .. import _qlinear` raises ImportError
     monkeypatch.setenv("PROSA_KERNEL_DIR", str(tmp_path))       # an empty build cache
@@ -279,6 +280,26 @@ def test_missing_kernels_are_said_once(without_kernels):
     message = str(said[0].message)
     assert "prosa._qlinear: ModuleNotFoundError" in message                  # what failed
     assert extension.FALLBACK_COST in message and "make setup" in message  # what it costs, how to fix it
+
+
+def test_missing_kernels_are_searched_for_once(without_kernels, monkeypatch):
+    """Every layer asks for the kernels on every call: after one search found nothing, later asks (without
+    ``build``) neither hash the sources nor look on disk again; asking to build still searches."""
+    searches = []
+    real = extension._build_dir
+    monkeypatch.setattr(extension, "_build_dir", lambda: searches.append(1) or real())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert quant.kernels() is None
+        assert quant.kernels() is None and quant.kernels(build=False) is None
+        assert len(searches) == 1
+        import torch.utils.cpp_extension as cpp
+
+        def no_compiler(**kw):
+            raise OSError("no compiler here")
+        monkeypatch.setattr(cpp, "load", no_compiler)    # the build attempt fails at once
+        assert quant.kernels(build=True) is None
+    assert len(searches) >= 2
 
 
 def test_kernels_off_on_purpose_are_silent(without_kernels, monkeypatch):

@@ -28,6 +28,7 @@ _ext = None
 _ext_error: str | None = None
 _ext_lock = threading.Lock()
 _said = False      # the fallback has been announced (once per process)
+_missing = False   # a search without building found nothing: later calls without ``build`` answer None at once
 
 # Measured with the bundled SmolLM2-135M (greedy, one sequence, one thread) against PyTorch's kernels: int4 ~45 ->
 # ~1100 ms/token, int8 ~55 -> ~1000 (the lm_head and asymmetric int8 dequantize every step), float ~190 -> ~225.
@@ -60,16 +61,20 @@ def kernels(build: bool | None = None):
     Returns:
         The extension module, or None.
     """
-    global _ext, _ext_error, _said
+    global _ext, _ext_error, _said, _missing
     if os.environ.get("PROSA_KERNELS") == "0":
         return None
     if _ext is not None:
         return _ext
     if build is None:
         build = os.environ.get("PROSA_BUILD_KERNELS") == "1"
+    if _missing and not build:   # every layer asks on every call: do not hash the sources and search again
+        return None
     with _ext_lock:
         if _ext is not None:
             return _ext
+        if _missing and not build:
+            return None
         try:
             from .. import _qlinear  # built by setup.py against the installed torch
             _ext = _qlinear
@@ -96,6 +101,7 @@ def kernels(build: bool | None = None):
         if _ext is not None:
             _register_ops(_ext)
             return _ext
+        _missing = not build
         say, _said = not _said, True
     if say:  # outside the lock: ``-W error`` turns this into an exception
         _say_unavailable(build)
