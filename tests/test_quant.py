@@ -398,3 +398,25 @@ def test_symmetric_int4_reads_no_mins_and_computes_the_same():
             torch.testing.assert_close(sym(x), sym.forward_reference(x), rtol=1e-5, atol=1e-5)
     # a Q4_1 layer whose mins happen not to be -8 d keeps them
     assert "mins" in QuantizedLinear.from_int(q, d, d * -7, None, "prosa")._buffers
+
+
+@needs_ext
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("acts", ["float", "int8"])
+def test_threads_share_tiles_without_changing_a_number(bits, acts):
+    """The kernels hand out chunks of 16-row tiles to whichever thread is free: a layer's output is bit-identical
+    whatever the thread count (1, 2, 3) and whichever thread took which chunk."""
+    lin = QuantizedLinear.from_linear(linear(16 * 41 + 5, 512, seed=3), bits, 32, backend="prosa")
+    quant.set_activations(lin, acts)
+    x = torch.randn(5, 512, generator=torch.Generator().manual_seed(1))
+    threads = torch.get_num_threads()
+    try:
+        outs = {}
+        for n in (1, 2, 3):
+            torch.set_num_threads(n)
+            outs[n] = [lin(x[:1]), lin(x)]     # one row (decode) and several
+    finally:
+        torch.set_num_threads(threads)
+    for n in (2, 3):
+        assert torch.equal(outs[n][0], outs[1][0]) and torch.equal(outs[n][1], outs[1][1])
+    assert torch.equal(outs[1][1][:1], outs[1][0])   # a row's numbers do not depend on the other rows either

@@ -16,6 +16,7 @@
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -356,12 +357,24 @@ Call prepare(const torch::Tensor& x_in, const torch::Tensor& w, const torch::Ten
 
 // Run tiles(t0, t1) over [0, T): ~16 KB of weights per task at least, so that small layers do not pay for waking
 // threads they cannot feed, and no OpenMP region at all (at::parallel_for enters one even for one task) when there
-// is nothing to share.
+// is nothing to share. Threads take chunks of ~1/8 of an equal share from a shared counter rather than one equal
+// share each: on a VM the cores do not stream memory at equal speeds, and with equal shares the thread that
+// finished first waited at the region's barrier for 18% of a TinyLlama-1.1B decode step (perf, 2 Xeon vCPUs). A
+// tile's numbers do not depend on which thread runs it or on the chunk it is in.
 template <typename F>
 void for_tiles(int64_t T, int64_t M, int64_t K, bool int4, const F& tiles) {
   const int64_t tile_bytes = TILE * K / (int4 ? 2 : 1);
   const int64_t grain = std::max<int64_t>(1, (16384 / std::max<int64_t>(1, M)) / tile_bytes);
-  if (T <= grain || at::get_num_threads() == 1) tiles(0, T); else at::parallel_for(0, T, grain, tiles);
+  const int64_t nt = at::get_num_threads();
+  if (T <= grain || nt == 1 || at::in_parallel_region()) { tiles(0, T); return; }
+  int64_t chunk = std::max<int64_t>(grain, (T + nt * 8 - 1) / (nt * 8));
+  chunk += chunk & 1;   // even: tiles_avx512 pairs tiles when there are several rows
+  const int64_t n = (T + chunk - 1) / chunk;
+  std::atomic<int64_t> next{0};
+  at::parallel_for(0, std::min(nt, n), 1, [&](int64_t, int64_t) {
+    for (int64_t c = next.fetch_add(1, std::memory_order_relaxed); c < n; c = next.fetch_add(1, std::memory_order_relaxed))
+      tiles(c * chunk, std::min(T, (c + 1) * chunk));
+  });
 }
 
 inline torch::Tensor in_dtype_of(const torch::Tensor& out, const torch::Tensor& x_in) {
