@@ -15,8 +15,9 @@ the CPUs meanwhile. Four regimes:
 * prefill: a 512-token prompt on the bundled model, prosa's default (int4) against llama.cpp on the same GGUF: time
   to first token and prefill tok/s, for 1 prompt and for 8 prompts at once.
 * scale: a TinyLlama-1.1B-shaped Q4_0 GGUF with random weights written by this script with the ``gguf`` writer;
-  the machine's memory read bandwidth (``torch.sum`` / ``numpy.sum`` over 1 GB, best of several); prosa and llama.cpp
-  decode on that file, and prosa's fraction of the bandwidth limit (weight bytes read per token / bandwidth).
+  the machine's memory read bandwidth (``torch.sum`` over 1 GB, 8 passes per round in the same round robin as the
+  decode runs: the median round's total bytes / total time, and the best single pass); prosa and llama.cpp decode on
+  that file, and prosa's fraction of the bandwidth limit (weight bytes read per token / bandwidth).
 * bf16: ``quantize="bf16"`` and ``dtype="auto"`` against float32 on a bfloat16 SmolLM2-135M-shaped HF folder (random
   weights), 1 and 8 sequences, with the
   matmul implementation oneDNN reports (``ONEDNN_VERBOSE``) for one short generation.

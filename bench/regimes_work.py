@@ -192,7 +192,8 @@ def work_prefill_llama_cpp(spec: dict[str, Any]) -> dict[str, Any]:
 
 def work_bandwidth(spec: dict[str, Any]) -> dict[str, Any]:
     """Memory read bandwidth: ``torch.sum`` over a 1 GB float32 tensor with the bench's threads, and ``numpy.sum``
-    (one thread), best of several passes each (bytes / seconds)."""
+    (one thread), several passes each. ``bandwidth``: the best single pass (bytes / seconds); ``sustained``: all
+    of torch.sum's passes together (total bytes / total time), the statistic of a decode rate (tokens / time)."""
     import numpy as np
     import torch
 
@@ -200,15 +201,18 @@ def work_bandwidth(spec: dict[str, Any]) -> dict[str, Any]:
     n = spec["bytes"] // 4
     a = torch.ones(n, dtype=torch.float32)          # written once: every page is resident
     best = {"torch": 0.0, "numpy": 0.0}
+    torch_s = 0.0
     for _ in range(spec["passes"]):
         t = time.perf_counter()
         float(a.sum())
-        best["torch"] = max(best["torch"], a.numel() * 4 / (time.perf_counter() - t))
+        dt = time.perf_counter() - t
+        torch_s += dt
+        best["torch"] = max(best["torch"], a.numel() * 4 / dt)
         t = time.perf_counter()
         float(np.add.reduce(a.numpy()))
         best["numpy"] = max(best["numpy"], a.numel() * 4 / (time.perf_counter() - t))
     return {"bandwidth": max(best.values()), **{f"{k}_bytes_s": v for k, v in best.items()},
-            "peak_rss_mb": peers.peak_rss_mb()}
+            "sustained": a.numel() * 4 * spec["passes"] / torch_s, "peak_rss_mb": peers.peak_rss_mb()}
 
 
 WORKERS: dict[str, Callable[[dict[str, Any]], dict[str, Any]]] = {
