@@ -357,30 +357,33 @@ Call prepare(const torch::Tensor& x_in, const torch::Tensor& w, const torch::Ten
 
 // Run tiles(t0, t1) over [0, T): ~16 KB of weights per task at least, so that small layers do not pay for waking
 // threads they cannot feed, and no OpenMP region at all (at::parallel_for enters one even for one task) when there
-// is nothing to share. Threads take chunks of ~1/8 of an equal share from a shared counter rather than one equal
-// share each: on a VM the cores do not stream memory at equal speeds, and with equal shares the thread that
-// finished first waited at the region's barrier for 18% of a TinyLlama-1.1B decode step (perf, 2 Xeon vCPUs). A
-// tile's numbers do not depend on which thread runs it or on the chunk it is in.
+// is nothing to share. Threads take chunks from a shared counter (guided: each chunk is 1/(2 threads) of what is
+// left, down to the grain) rather than one equal share each: on a VM the cores do not stream memory at equal speeds,
+// and with equal shares the thread that finished first waited at the region's barrier for 18% of a TinyLlama-1.1B
+// decode step (perf, 2 Xeon vCPUs); with shrinking chunks the last ones, and so the wait, are a few microseconds.
+// A tile's numbers do not depend on which thread runs it or on the chunk it is in.
 template <typename F>
 void for_tiles(int64_t T, int64_t M, int64_t K, bool int4, const uint8_t* w, const F& tiles) {
   const int64_t tile_bytes = TILE * K / (int4 ? 2 : 1);
   const int64_t grain = std::max<int64_t>(1, (16384 / std::max<int64_t>(1, M)) / tile_bytes);
   const int64_t nt = at::get_num_threads();
   if (T <= grain || nt == 1 || at::in_parallel_region()) { tiles(0, T); return; }
-  int64_t chunk = std::max<int64_t>(grain, (T + nt * 8 - 1) / (nt * 8));
-  chunk += chunk & 1;   // even: tiles_avx512 pairs tiles when there are several rows
-  const int64_t n = (T + chunk - 1) / chunk;
   std::atomic<int64_t> next{0};
-  at::parallel_for(0, std::min(nt, n), 1, [&](int64_t, int64_t) {
-    for (int64_t c = next.fetch_add(1, std::memory_order_relaxed); c < n; c = next.fetch_add(1, std::memory_order_relaxed)) {
+  at::parallel_for(0, std::min(nt, (T + grain - 1) / grain), 1, [&](int64_t, int64_t) {
+    int64_t t0 = next.load(std::memory_order_relaxed);
+    while (t0 < T) {
+      int64_t size = std::max(grain, (T - t0) / (2 * nt));
+      size += size & 1;   // even: tiles_avx512 pairs tiles when there are several rows
+      const int64_t t1 = std::min(T, t0 + size);
+      if (!next.compare_exchange_weak(t0, t1, std::memory_order_relaxed)) continue;   // t0 now holds the new start
 #if PROSA_X86
       // a chunk starts a new stream: ask for its first PF_DIST bytes at once (the kernels prefetch PF_DIST ahead of
       // what they read, so without this the start of every chunk is read at the latency of one miss after another)
-      const uint8_t* p = w + c * chunk * tile_bytes;
-      for (int64_t o = 0; o < std::min(PF_DIST, (std::min(T, (c + 1) * chunk) - c * chunk) * tile_bytes); o += 64)
-        _mm_prefetch(reinterpret_cast<const char*>(p + o), _MM_HINT_T0);
+      for (int64_t o = 0; o < std::min(PF_DIST, (t1 - t0) * tile_bytes); o += 64)
+        _mm_prefetch(reinterpret_cast<const char*>(w + t0 * tile_bytes + o), _MM_HINT_T0);
 #endif
-      tiles(c * chunk, std::min(T, (c + 1) * chunk));
+      tiles(t0, t1);
+      t0 = next.load(std::memory_order_relaxed);
     }
   });
 }
