@@ -69,8 +69,9 @@ def _read_json(path: Path, required: bool = False) -> dict:
 
 
 def resolve_dtype(dtype: str | torch.dtype, checkpoint_dtype: str | None, device: torch.device) -> torch.dtype:
-    """The dtype to run in. ``auto`` keeps the checkpoint's bfloat16 where the hardware runs it well
-    (CUDA, or a CPU with AVX-512 BF16 / AMX) and otherwise uses float32 (float16 matmuls are slow on CPUs)."""
+    """The dtype to run in. ``auto`` keeps the checkpoint's bfloat16 where the hardware runs it faster than float32
+    (CUDA; a CPU with AMX, or AMD's AVX-512 BF16: ``_bf16_beats_float32``) and otherwise uses float32 (float16
+    matmuls are slow on CPUs)."""
     if isinstance(dtype, torch.dtype):
         return dtype
     if dtype != "auto":
@@ -80,9 +81,35 @@ def resolve_dtype(dtype: str | torch.dtype, checkpoint_dtype: str | None, device
             raise ValueError(f"dtype must be one of auto, {', '.join(_DTYPES)}; got {dtype!r}") from None
     if device.type == "cuda" and checkpoint_dtype in ("bfloat16", "float16"):
         return _DTYPES[checkpoint_dtype]
-    if checkpoint_dtype == "bfloat16" and device.type == "cpu" and _cpu_has_native_bf16():
+    if checkpoint_dtype == "bfloat16" and device.type == "cpu" and _bf16_beats_float32(_cpuinfo()):
         return torch.bfloat16
     return torch.float32
+
+
+def _cpuinfo() -> str:
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
+            return f.read(1 << 16)       # the first processor's lines are enough
+    except OSError:
+        return ""
+
+
+def _bf16_beats_float32(cpuinfo: str) -> bool:
+    """Whether decoding in bfloat16 is faster than in float32 on this CPU, for ``dtype="auto"``.
+
+    Native bf16 alone is not enough. Measured by bench/regimes.py (bf16 section, SmolLM2-135M shape, 2 threads):
+    AMD EPYC Zen 4 with AVX-512 BF16: bf16 1.31-1.57x float32; an Intel Xeon VM with AVX-512 BF16 and FP16 but no
+    AMX: 0.60x with one sequence, 0.89x with eight (oneDNN's bf16 GEMV is slower there than its float32 one). AMX
+    (tile bf16 matmuls) is kept as bf16's case, unmeasured here.
+
+    Args:
+        cpuinfo: the text of /proc/cpuinfo.
+    Returns:
+        True to keep a bfloat16 checkpoint in bfloat16.
+    """
+    flags = next((line for line in cpuinfo.splitlines() if line.startswith("flags")), "") + " "
+    vendor = next((line for line in cpuinfo.splitlines() if line.startswith("vendor_id")), "")
+    return " amx_bf16 " in flags or (" avx512_bf16 " in flags and "AuthenticAMD" in vendor)
 
 
 def _cpu_has_native_bf16() -> bool:

@@ -273,3 +273,24 @@ def test_loads_pause_the_garbage_collector_and_restore_it(gpt2_dir):
         assert not gc.isenabled()           # a caller's own gc.disable() stands
     finally:
         gc.enable()
+
+
+# ------------------------------------------------------------------------------------------- dtype="auto"
+_ZEN4 = "vendor_id\t: AuthenticAMD\nflags\t\t: fpu avx2 avx512f avx512_vnni avx512_bf16 vaes\n"
+_XEON_NO_AMX = "vendor_id\t: GenuineIntel\nflags\t\t: fpu avx2 avx512f avx512_vnni avx512_bf16 avx512_fp16\n"
+_XEON_AMX = "vendor_id\t: GenuineIntel\nflags\t\t: fpu avx512f avx512_bf16 amx_bf16 amx_tile amx_int8\n"
+_OLD = "vendor_id\t: GenuineIntel\nflags\t\t: fpu avx2 avx512f avx512_vnni\n"
+
+
+@pytest.mark.parametrize("cpuinfo,bf16", [(_ZEN4, True), (_XEON_NO_AMX, False), (_XEON_AMX, True), (_OLD, False),
+                                          ("", False)])
+def test_auto_dtype_keeps_bf16_only_where_it_beats_float32(cpuinfo, bf16, monkeypatch):
+    """A bfloat16 checkpoint stays bfloat16 under dtype="auto" on CPUs where bf16 decoding measured faster (Zen 4's
+    AVX-512 BF16, AMX), not on an Intel CPU with AVX-512 BF16 but no AMX (0.6x float32 there)."""
+    from prosa import loader
+
+    monkeypatch.setattr(loader, "_cpuinfo", lambda: cpuinfo)
+    cpu = torch.device("cpu")
+    assert loader.resolve_dtype("auto", "bfloat16", cpu) == (torch.bfloat16 if bf16 else torch.float32)
+    assert loader.resolve_dtype("auto", "float32", cpu) == torch.float32
+    assert loader.resolve_dtype("bfloat16", "float32", cpu) == torch.bfloat16     # asked for: always given
