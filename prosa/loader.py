@@ -291,7 +291,7 @@ def load(name_or_path: str | os.PathLike | Checkpoint | None = None, *, dtype: s
             "bfloat16" or "float16": the dtype of the weights kept in float, and of the activations.
         quantize: the weight format. "none": float (``dtype``; a GGUF file's blocks are dequantized, as
             transformers does). "bf16": bfloat16 weights. "int8" / "int4": weight-only, group-wise (32) integers;
-            int4 keeps the output layer in int8; a GGUF's Q8_0 / Q4_0 / Q4_1 blocks are repacked exactly.
+            int4 keeps the output layer in int8 (symmetric); a GGUF's Q8_0 / Q4_0 / Q4_1 blocks are repacked exactly.
             "auto" (default): a GGUF file as stored (its blocks repacked, no float copy); a float checkpoint in
             float if that takes at most half the available RAM, else int8, else int4 (``choose_quantize``). The
             choice is logged on the ``prosa`` logger and kept in ``LanguageModel.quantize`` / ``.weights``.

@@ -253,8 +253,10 @@ def _load_weights(model: nn.Module, ck: Any, dtype: torch.dtype, device: torch.d
                                             f"its config.json makes it {tuple(mod.weight.shape)}")
                 bits = _bits_for(path, mode, outputs)
                 bias = state.pop(path + ".bias", None)
+                # int4 mode's int8 output layer is symmetric: its error is small beside the int4 blocks', and the
+                # symmetric kernel is the faster one (int8 mode keeps minimums: there precision is the point)
                 layer, fmt = _quantized(state.pop(key).float(), None if bias is None else bias.float(), bits,
-                                        symmetric=symmetric_output and path in outputs)
+                                        symmetric=(symmetric_output or mode == "int4") and path in outputs)
                 _swap(model, path, layer.to(device))
                 report.formats[fmt] += 1
         if state:
