@@ -7,6 +7,7 @@ import os
 import random
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -469,8 +470,12 @@ def test_bad_flags_exit_2(args, message, capsys):
 def _spawn(args, cwd, timeout):
     pexpect = pytest.importorskip("pexpect")
     env = {**os.environ, "TERM": "dumb", "PYTHONUNBUFFERED": "1"}
+    # A test run started in the background of a shell without job control inherits SIGINT ignored, and so would the
+    # REPL (Python installs its Ctrl-C handler only where SIGINT is not ignored): restore the default for the child,
+    # as a terminal gives it
     child = pexpect.spawn(sys.executable, ["-m", "prosa.cli", "chat", *args], cwd=str(cwd), env=env,
-                          encoding="utf-8", timeout=timeout, dimensions=(50, 200))
+                          encoding="utf-8", timeout=timeout, dimensions=(50, 200),
+                          preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     child.expect_exact(PROMPT)
     return child
 
