@@ -115,12 +115,8 @@ def _bf16_beats_float32(cpuinfo: str) -> bool:
 def _cpu_has_native_bf16() -> bool:
     """True when the CPU computes bfloat16 in hardware (AVX-512 BF16 or AMX); without it PyTorch emulates
     bfloat16 matmuls, slower than float32. torch's capability string says only "AVX512" either way."""
-    try:
-        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
-            flags = next((line for line in f if line.startswith("flags")), "")
-    except OSError:
-        return False
-    return " avx512_bf16" in flags or " amx_bf16" in flags
+    flags = next((line for line in _cpuinfo().splitlines() if line.startswith("flags")), "") + " "
+    return " avx512_bf16 " in flags or " amx_bf16 " in flags
 
 
 class DeviceError(ProsaError, ValueError):
