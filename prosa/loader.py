@@ -94,12 +94,17 @@ def _cpuinfo() -> str:
         return ""
 
 
+def _cpu_field(cpuinfo: str, name: str) -> str:
+    """The first ``name`` line of /proc/cpuinfo's text, with a trailing space (so " flag " matches whole words)."""
+    return next((line for line in cpuinfo.splitlines() if line.startswith(name)), "") + " "
+
+
 def _bf16_beats_float32(cpuinfo: str) -> bool:
     """Whether decoding in bfloat16 is faster than in float32 on this CPU, for ``dtype="auto"``.
 
     Native bf16 alone is not enough. Measured by bench/regimes.py (bf16 section, SmolLM2-135M shape, 2 threads):
     AMD EPYC Zen 4 with AVX-512 BF16: bf16 1.31-1.57x float32; an Intel Xeon VM with AVX-512 BF16 and FP16 but no
-    AMX: 0.60x with one sequence, 0.89x with eight (oneDNN's bf16 GEMV is slower there than its float32 one). AMX
+    AMX: 0.60x with one sequence, 0.89-0.92x with eight (oneDNN's bf16 GEMV is slower there than its float32 one). AMX
     (tile bf16 matmuls) is kept as bf16's case, unmeasured here.
 
     Args:
@@ -107,15 +112,14 @@ def _bf16_beats_float32(cpuinfo: str) -> bool:
     Returns:
         True to keep a bfloat16 checkpoint in bfloat16.
     """
-    flags = next((line for line in cpuinfo.splitlines() if line.startswith("flags")), "") + " "
-    vendor = next((line for line in cpuinfo.splitlines() if line.startswith("vendor_id")), "")
-    return " amx_bf16 " in flags or (" avx512_bf16 " in flags and "AuthenticAMD" in vendor)
+    flags = _cpu_field(cpuinfo, "flags")
+    return " amx_bf16 " in flags or (" avx512_bf16 " in flags and "AuthenticAMD" in _cpu_field(cpuinfo, "vendor_id"))
 
 
 def _cpu_has_native_bf16() -> bool:
     """True when the CPU computes bfloat16 in hardware (AVX-512 BF16 or AMX); without it PyTorch emulates
     bfloat16 matmuls, slower than float32. torch's capability string says only "AVX512" either way."""
-    flags = next((line for line in _cpuinfo().splitlines() if line.startswith("flags")), "") + " "
+    flags = _cpu_field(_cpuinfo(), "flags")
     return " avx512_bf16 " in flags or " amx_bf16 " in flags
 
 
