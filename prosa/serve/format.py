@@ -92,8 +92,9 @@ class Choices:
             out["tokens"].append(s)
             out["text_offset"].append(offset)
             offset += len(s)
-            entry = lps[k - 1] if prompt else lps[k]
-            if prompt and k == 0 or entry is None:
+            # an echoed prompt's first token has no log-probability (nothing before it): lps[k - 1] is for token k
+            entry = None if prompt and k == 0 else lps[k - 1] if prompt else lps[k]
+            if entry is None:
                 out["token_logprobs"].append(None)
                 out["top_logprobs"].append(None)
             else:
