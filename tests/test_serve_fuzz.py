@@ -30,13 +30,17 @@ def test_fuzzed_requests_never_get_a_5xx(fuzz_server, path):
     seen: dict[int, int] = {}
     errors: list[str] = []
 
-    @settings(max_examples=60, deadline=None, database=None,
+    # derandomize: the same 60 bodies on every run (CI must not depend on a lucky draw; a random run once
+    # produced no body the model could answer)
+    @settings(max_examples=60, deadline=None, database=None, derandomize=True,
               suppress_health_check=list(HealthCheck))
     @given(case=op.as_strategy())
     def check(case):
         body = case.body
-        if isinstance(body, dict) and hash(repr(sorted(body))) % 3:
-            body = {**body, "model": MODEL}                  # most cases reach the model, not only the 404
+        # four bodies in five name the served model, so that most reach it rather than the 404 (by count, not
+        # by the body: hypothesis sends some small bodies many times)
+        if isinstance(body, dict) and sum(seen.values()) % 5:
+            body = {**body, "model": MODEL}
             # keep generations short: a fuzzed max_tokens is either refused or small
             for key in ("max_tokens", "max_completion_tokens"):
                 if isinstance(body.get(key), int) and body[key] > 8:

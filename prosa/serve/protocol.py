@@ -7,7 +7,7 @@ newer OpenAI fields keep working.
 """
 from __future__ import annotations
 
-from typing import Any, Literal, Union
+from typing import Any, ClassVar, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, field_validator, model_validator
 
@@ -68,6 +68,18 @@ class Common(ProsaExtras):
     logit_bias: dict[str, float] | None = None
     seed: StrictInt | None = Field(None, ge=-(2 ** 63), lt=2 ** 63)
     user: str | None = None
+
+    # OpenAI's description marks these nullable with a default: null asks for the default, as OpenAI answers it
+    # (the openai client and others send "n": null, "stream": null). Fields whose None has a meaning of its own
+    # (completions' max_tokens: null = until the context is full) are not listed.
+    _NULL_IS_DEFAULT: ClassVar[frozenset[str]] = frozenset({"n", "stream", "echo", "logprobs", "ignore_eos"})
+
+    @model_validator(mode="before")
+    @classmethod
+    def _null_is_default(cls, data):
+        if isinstance(data, dict):
+            return {k: v for k, v in data.items() if v is not None or k not in cls._NULL_IS_DEFAULT}
+        return data
 
     @field_validator("stop")
     @classmethod
