@@ -86,7 +86,7 @@ if os.environ.get("PROSA_NO_KERNELS") != "1":
                                       f"reinstall with {REINSTALL}")
 
         # optional=True: setuptools then skips the missing .so when it copies outputs (editable installs)
-        ext_modules = [CppExtension("prosa._qlinear", ["prosa/csrc/qlinear.cpp", "prosa/csrc/repack.cpp"], optional=True,
+        ext_modules = [CppExtension("prosa._qlinear", ["prosa/csrc/qlinear.cpp", "prosa/csrc/repack.cpp", "prosa/csrc/bf16.cpp"], optional=True,
                                     extra_compile_args=["-O3", "-fopenmp"], extra_link_args=["-fopenmp"])]
         cmdclass = {"build_ext": OptionalBuild}
 

@@ -352,6 +352,11 @@ def load(name_or_path: str | os.PathLike | Checkpoint | None = None, *, dtype: s
 
             source = AdaptedCheckpoint(ck, adapter)
         summary = load_weights(model, source, dt, dev, "none" if mode == "bf16" else mode).summary()
+        if mode == "bf16" and dev.type == "cpu":
+            from .quant.bf16 import use_bf16_kernel
+
+            if use_bf16_kernel(model):      # decode-sized matmuls through prosa's bf16 kernel (quant/bf16.py)
+                summary += "; bf16 kernel"
         if adapter is not None:
             summary += f"; adapter {adapter}"
     model.eval()

@@ -1045,6 +1045,8 @@ void force_scalar(bool on) { g_force_scalar = on; }
 
 // repack.cpp
 torch::Tensor gguf_rows(const torch::Tensor& blocks, const torch::Tensor& ids, int64_t kind, int64_t k);
+torch::Tensor linear_bf16(const torch::Tensor& x, const torch::Tensor& w, const c10::optional<torch::Tensor>& bias);
+void bf16_force_scalar(bool on);
 std::vector<torch::Tensor> gguf_repack(const std::vector<torch::Tensor>& parts, const std::vector<torch::Tensor>& orders,
                                        int64_t kind, int64_t k);
 
@@ -1112,6 +1114,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::call_guard<py::gil_scoped_release>());
   m.def("gguf_rows", &gguf_rows, "rows of a GGUF Q8_0/Q4_0/Q4_1/Q5_0/Q5_1 table -> float32 (an embedding lookup)",
         py::arg("blocks"), py::arg("ids"), py::arg("kind"), py::arg("k"));
+  m.def("linear_bf16", &linear_bf16, "y = x @ W^T + b, W bfloat16 (N, K), float32 sums (bf16.cpp): few rows of x",
+        py::arg("x"), py::arg("w"), py::arg("bias") = py::none(), py::call_guard<py::gil_scoped_release>());
+  m.def("bf16_force_scalar", &bf16_force_scalar, "linear_bf16's portable path even where AVX-512 is available (tests)");
   m.def("isa", &isa, "the code path in use: avx512_vnni or scalar");
   m.def("force_scalar", &force_scalar, "use the portable path even where AVX-512 VNNI is available (tests)");
 }

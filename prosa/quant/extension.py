@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 _CSRC_DIR = Path(__file__).parents[1] / "csrc"   # prosa/csrc, one level above this package
-_SOURCES = [_CSRC_DIR / "qlinear.cpp", _CSRC_DIR / "repack.cpp"]
+_SOURCES = [_CSRC_DIR / "qlinear.cpp", _CSRC_DIR / "repack.cpp", _CSRC_DIR / "bf16.cpp"]
 
 _ext = None
 _ext_error: str | None = None
